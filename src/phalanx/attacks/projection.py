@@ -1,0 +1,73 @@
+"""Pure functions: projections onto eps-balls intersected with the input box, random starts,
+and steepest-ascent directions for each norm."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from phalanx.types import Norm, ThreatModel
+
+
+def _flat_norm(v: Tensor, p: float) -> Tensor:
+    return v.flatten(1).norm(p=p, dim=1).view(-1, *([1] * (v.dim() - 1)))
+
+
+def project(x_adv: Tensor, x: Tensor, threat: ThreatModel) -> Tensor:
+    """Project ``x_adv`` onto {x' : ||x' - x|| <= eps} ∩ [lo, hi]^d."""
+    lo, hi = threat.bounds
+    delta = x_adv - x
+    if threat.norm is Norm.LINF:
+        delta = delta.clamp(-threat.eps, threat.eps)
+    elif threat.norm is Norm.L2:
+        n = _flat_norm(delta, 2)
+        delta = delta * torch.where(n > threat.eps, threat.eps / n.clamp_min(1e-12), torch.ones_like(n))
+    else:
+        delta = project_l1(delta, threat.eps)
+    return (x + delta).clamp(lo, hi)
+
+
+def project_l1(delta: Tensor, eps: float) -> Tensor:
+    """Euclidean projection of each row onto the L1 ball of radius ``eps`` (Duchi et al. 2008)."""
+    flat = delta.flatten(1)
+    abs_ = flat.abs()
+    inside = abs_.sum(1) <= eps
+    if bool(inside.all()) or eps == 0:
+        return delta if eps > 0 else torch.zeros_like(delta)
+    mu, _ = abs_.sort(dim=1, descending=True)
+    cums = mu.cumsum(1)
+    ar = torch.arange(1, flat.shape[1] + 1, device=delta.device, dtype=delta.dtype)
+    cond = mu - (cums - eps) / ar > 0
+    rho = cond.float().cumsum(1).argmax(1)  # last index where cond holds
+    theta = (cums.gather(1, rho[:, None]) - eps) / (rho[:, None] + 1).to(delta.dtype)
+    proj = flat.sign() * (abs_ - theta).clamp_min(0)
+    out = torch.where(inside[:, None], flat, proj)
+    return out.view_as(delta)
+
+
+def random_start(x: Tensor, threat: ThreatModel, generator: torch.Generator | None) -> Tensor:
+    """A uniformly random point of the ball (L-inf: uniform per coordinate), then projected."""
+    u = torch.rand(x.shape, generator=generator, dtype=x.dtype).to(x.device)
+    if threat.norm is Norm.LINF:
+        delta = (2 * u - 1) * threat.eps
+    else:
+        g = torch.randn(x.shape, generator=generator, dtype=x.dtype).to(x.device)
+        p = 2.0 if threat.norm is Norm.L2 else 1.0
+        direction = g / _flat_norm(g, p).clamp_min(1e-12)
+        r = torch.rand((x.shape[0],), generator=generator, dtype=x.dtype).to(x.device)
+        delta = direction * (threat.eps * r.view(-1, *([1] * (x.dim() - 1))))
+    return project(x + delta, x, threat)
+
+
+def ascent_direction(grad: Tensor, norm: Norm) -> Tensor:
+    """Steepest-ascent unit step: sign for L-inf, normalised gradient for L2, and for L1 the
+    sign of the largest-magnitude coordinate of each example (a vertex of the L1 ball)."""
+    if norm is Norm.LINF:
+        return grad.sign()
+    if norm is Norm.L2:
+        return grad / _flat_norm(grad, 2).clamp_min(1e-12)
+    flat = grad.flatten(1)
+    idx = flat.abs().argmax(1)
+    out = torch.zeros_like(flat)
+    out.scatter_(1, idx[:, None], flat.gather(1, idx[:, None]).sign())
+    return out.view_as(grad)

@@ -1,0 +1,151 @@
+"""Core subcommands: train, evaluate, demo, info."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import click
+
+from phalanx.cli.common import (
+    config_options,
+    device_option,
+    out_option,
+    parse_eps_list,
+    progress_option,
+    run_dir_for,
+    shortcut,
+)
+from phalanx.cli.config import load_config
+from phalanx.errors import PhalanxError
+
+
+@click.command()
+@config_options
+@click.option("--dataset", default=None, help="Dataset name (see `phalanx info`); default digits.")
+@click.option("--data-dir", default=None, help="Folder with dataset files (or $PHALANX_DATA_DIR).")
+@click.option("--limit", type=int, default=None, help="Use at most N examples per split.")
+@click.option("--model", default=None, help="Member architecture (see `phalanx info`).")
+@click.option("--members", type=int, default=None, help="Number of members.")
+@click.option("--method", default=None, help="Training method (see `phalanx info`).")
+@click.option("--epochs", type=int, default=None)
+@click.option("--batch-size", type=int, default=None)
+@click.option("--lr", type=float, default=None)
+@click.option("--seed", type=int, default=None)
+@click.option("--eps", default=None, help="Comma-separated eps list for the final PGD evaluation.")
+@click.option("--resume", "resume_dir", type=click.Path(file_okay=False), default=None,
+              help="Continue a killed run from its last checkpoint.")
+@device_option
+@out_option
+@progress_option
+def train(config_path: str | None, overrides: tuple[str, ...], dataset: str | None, data_dir: str | None,
+          limit: int | None, model: str | None, members: int | None, method: str | None, epochs: int | None,
+          batch_size: int | None, lr: float | None, seed: int | None, eps: str | None, resume_dir: str | None,
+          device: str | None, out: str | None, progress: bool) -> None:
+    """Train an ensemble; writes a run folder with checkpoints, metrics, results and a report."""
+    from phalanx.experiment import evaluate_ensemble, train_run, write_train_report
+
+    tree: dict[str, dict[str, Any]] = {}
+    if resume_dir is not None:
+        saved = Path(resume_dir) / "config.json"
+        if not saved.is_file():
+            raise PhalanxError(f"cannot resume: {saved} does not exist")
+        tree = json.loads(saved.read_text())
+    for sec, key, val in [("data", "dataset", dataset), ("data", "data_dir", data_dir), ("data", "limit", limit),
+                          ("model", "name", model), ("model", "members", members), ("method", "name", method),
+                          ("train", "epochs", epochs), ("train", "batch_size", batch_size), ("train", "lr", lr),
+                          ("train", "seed", seed), ("train", "device", device),
+                          ("eval", "eps", parse_eps_list(eps))]:
+        shortcut(tree, sec, key, val)
+    cfg = load_config(config_path, overrides, base=tree)
+    run_dir = Path(resume_dir) if resume_dir is not None else run_dir_for(out, "train")
+    ens, fit_result, data = train_run(cfg, run_dir, resume=resume_dir is not None, progress=progress)
+    ev = evaluate_ensemble(ens, data, cfg.eval, seed=cfg.train.seed, progress=progress)
+    report = write_train_report(run_dir, cfg, fit_result, ev)
+    click.echo(f"clean accuracy {ev['clean']['accuracy']:.4f}; run folder {run_dir}; report {report}")
+
+
+@click.command()
+@click.argument("checkpoint", type=click.Path(dir_okay=False))
+@config_options
+@click.option("--dataset", default=None, help="Dataset (default: the one stored in the checkpoint).")
+@click.option("--data-dir", default=None)
+@click.option("--limit", type=int, default=None, help="Evaluate on at most N test examples.")
+@click.option("--eps", default=None, help="Comma-separated eps list (L-inf, in [0, 1]).")
+@click.option("--attack", default=None, help="Attack for the curve (default pgd).")
+@click.option("--steps", type=int, default=None)
+@click.option("--restarts", type=int, default=None)
+@click.option("--seed", type=int, default=0)
+@device_option
+@out_option
+@progress_option
+def evaluate(checkpoint: str, config_path: str | None, overrides: tuple[str, ...], dataset: str | None,
+             data_dir: str | None, limit: int | None, eps: str | None, attack: str | None, steps: int | None,
+             restarts: int | None, seed: int, device: str | None, out: str | None, progress: bool) -> None:
+    """Evaluate a saved ensemble: clean accuracy, member accuracy, agreement, robust accuracy vs eps."""
+    from phalanx.attacks import ATTACKS
+    from phalanx.ensembles import checkpoint_info
+    from phalanx.experiment import evaluate_ensemble, load_data, load_for_eval, write_train_report
+
+    info = checkpoint_info(checkpoint)
+    tree: dict[str, dict[str, Any]] = {"data": {"dataset": info.get("dataset") or "digits"}}
+    for sec, key, val in [("data", "dataset", dataset), ("data", "data_dir", data_dir), ("eval", "limit", limit),
+                          ("eval", "eps", parse_eps_list(eps)), ("eval", "attack", attack),
+                          ("eval", "steps", steps), ("eval", "restarts", restarts), ("train", "device", device)]:
+        shortcut(tree, sec, key, val)
+    cfg = load_config(config_path, overrides, base=tree)
+    ATTACKS.get(cfg.eval.attack)
+    ens = load_for_eval(checkpoint, cfg.train.device)
+    data = load_data(cfg.data)
+    if tuple(data.in_shape) != tuple(ens.in_shape) or data.num_classes != ens.num_classes:
+        raise PhalanxError(f"checkpoint expects inputs {ens.in_shape} with {ens.num_classes} classes; "
+                           f"dataset {cfg.data.dataset!r} has {data.in_shape} with {data.num_classes}")
+    run_dir = run_dir_for(out, "evaluate")
+    ev = evaluate_ensemble(ens, data, cfg.eval, seed=seed, progress=progress)
+    report = write_train_report(run_dir, cfg, None, ev, title=f"phalanx evaluation of {checkpoint}")
+    click.echo(f"clean accuracy {ev['clean']['accuracy']:.4f}; report {report}")
+
+
+@click.command()
+@out_option
+@progress_option
+@click.option("--quick", is_flag=True, help="Fewer epochs and examples (for smoke tests).")
+def demo(out: str | None, progress: bool, quick: bool) -> None:
+    """Train and evaluate a 3-member ensemble on the embedded digits data; write a report."""
+    from phalanx.demo import run_demo
+
+    run_dir = run_dir_for(out, "demo")
+    overrides = {"train": {"epochs": 2}, "eval": {"limit": 60, "steps": 5}} if quick else None
+    ctx = run_demo(run_dir, progress=progress, overrides=overrides)
+    click.echo(f"demo finished in {ctx.timings['total']:.0f} s; report {run_dir / 'report.md'}")
+
+
+@click.command()
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+def info(as_json: bool) -> None:
+    """List datasets, models, training methods and attacks."""
+    from phalanx.attacks import ATTACKS
+    from phalanx.data import DATASETS
+    from phalanx.models import MODELS
+    from phalanx.training import METHODS
+
+    regs: dict[str, Any] = {"datasets": DATASETS, "models": MODELS, "methods": METHODS, "attacks": ATTACKS}
+    try:
+        from phalanx.verification import BACKENDS
+
+        regs["verification backends"] = BACKENDS
+    except ImportError:
+        pass
+    if as_json:
+        click.echo(json.dumps({k: r.describe() for k, r in regs.items()}, indent=2))
+        return
+    for title, reg in regs.items():
+        click.echo(f"{title}:")
+        for name, doc in reg.describe().items():
+            click.echo(f"  {name:<16} {doc}")
+
+
+def register(group: click.Group) -> None:
+    for cmd in (train, evaluate, demo, info):
+        group.add_command(cmd)

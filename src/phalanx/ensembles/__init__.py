@@ -1,0 +1,15 @@
+"""Ensembles of classifiers and their checkpoint format."""
+
+from phalanx.ensembles.checkpoint import (
+    atomic_save,
+    checkpoint_info,
+    ensemble_from_state,
+    ensemble_state,
+    load_ensemble,
+    safe_load,
+    save_ensemble,
+)
+from phalanx.ensembles.ensemble import Combiner, Ensemble, combine
+
+__all__ = ["Combiner", "Ensemble", "atomic_save", "checkpoint_info", "combine", "ensemble_from_state",
+           "ensemble_state", "load_ensemble", "safe_load", "save_ensemble"]

@@ -1,0 +1,127 @@
+"""The model base class: input normalization inside the model, a sequential body, and
+pre-activation feature taps by layer index (the hook DVERGE's feature distillation needs)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from phalanx.errors import PhalanxError
+
+ACTIVATIONS = ("relu", "leaky_relu")
+
+
+def make_activation(name: str, negative_slope: float = 0.01) -> nn.Module:
+    if name == "relu":
+        return nn.ReLU()
+    if name == "leaky_relu":
+        return nn.LeakyReLU(negative_slope)
+    raise PhalanxError(f"unknown activation {name!r}; accepted: {', '.join(ACTIVATIONS)}")
+
+
+def is_activation(m: nn.Module) -> bool:
+    return isinstance(m, (nn.ReLU, nn.LeakyReLU))
+
+
+class Normalize(nn.Module):
+    """``(x - mean) / std`` per channel, so that attacks work in [0, 1] pixel space."""
+
+    mean: Tensor
+    std: Tensor
+
+    def __init__(self, mean: Sequence[float], std: Sequence[float]) -> None:
+        super().__init__()
+        if len(mean) != len(std) or any(s <= 0 for s in std):
+            raise PhalanxError(f"normalization needs one positive std per mean, got {mean}, {std}")
+        self.register_buffer("mean", torch.tensor(list(mean), dtype=torch.float32).view(-1, 1, 1))
+        self.register_buffer("std", torch.tensor(list(std), dtype=torch.float32).view(-1, 1, 1))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return (x - self.mean) / self.std
+
+
+class ResidualBlock(nn.Module):
+    """CIFAR ResNet basic block whose output is taken *before* the final activation.
+
+    ``out = bn2(conv2(act(bn1(conv1(h))))) + shortcut(h)``; the model applies the activation
+    after the block, so the block output is a pre-activation feature (DVERGE's even layers) and
+    ``bn1``'s output is the in-block feature (DVERGE's odd layers).
+    """
+
+    def __init__(self, cin: int, cout: int, stride: int, activation: str, negative_slope: float) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(cout)
+        self.act = make_activation(activation, negative_slope)
+        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(cout)
+        self.shortcut: nn.Module = nn.Identity()
+        if stride != 1 or cin != cout:
+            self.shortcut = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
+
+    def forward_taps(self, h: Tensor) -> tuple[Tensor, Tensor]:
+        mid = self.bn1(self.conv1(h))
+        out = self.bn2(self.conv2(self.act(mid))) + self.shortcut(h)
+        return mid, out
+
+    def forward(self, h: Tensor) -> Tensor:
+        return self.forward_taps(h)[1]
+
+
+class FeatureNet(nn.Module):
+    """A classifier ``body(normalize(x))`` with numbered pre-activation feature taps.
+
+    Feature layer ``l`` (1-based) is the output of the ``l``-th module that is followed by an
+    activation (or, inside a :class:`ResidualBlock`, its ``bn1`` output), and the last layer is
+    the logits. ``config`` holds everything needed to rebuild the model (see ``build_model``).
+    """
+
+    def __init__(self, normalize: Normalize, body: nn.Sequential, config: dict[str, Any]) -> None:
+        super().__init__()
+        self.normalize = normalize
+        self.body = body
+        self.config = dict(config)
+        taps: list[tuple[int, bool]] = []  # (module index, inner tap of a residual block)
+        mods = list(body)
+        for i, m in enumerate(mods):
+            if isinstance(m, ResidualBlock):
+                taps.append((i, True))
+            nxt = mods[i + 1] if i + 1 < len(mods) else None
+            if i == len(mods) - 1 or (nxt is not None and is_activation(nxt)):
+                taps.append((i, False))
+        self._taps = taps
+
+    @property
+    def num_feature_layers(self) -> int:
+        return len(self._taps)
+
+    @property
+    def in_shape(self) -> tuple[int, ...]:
+        return tuple(self.config["in_shape"])
+
+    @property
+    def num_classes(self) -> int:
+        return int(self.config["num_classes"])
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.body(self.normalize(x))  # type: ignore[no-any-return]
+
+    def features(self, x: Tensor, layer: int) -> Tensor:
+        """Pre-activation features of layer ``layer`` in ``1..num_feature_layers`` (last = logits)."""
+        if not isinstance(layer, int) or not 1 <= layer <= self.num_feature_layers:
+            raise PhalanxError(
+                f"feature layer {layer!r} out of range; accepted: 1..{self.num_feature_layers}"
+            )
+        idx, inner = self._taps[layer - 1]
+        h = self.normalize(x)
+        for i, m in enumerate(self.body):
+            if i == idx:
+                if inner:
+                    assert isinstance(m, ResidualBlock)
+                    return m.forward_taps(h)[0]
+                return m(h)  # type: ignore[no-any-return]
+            h = m(h)
+        raise AssertionError("unreachable")

@@ -1,0 +1,6 @@
+"""Reports: Markdown tables and plots rendered from result files."""
+
+from phalanx.reports.markdown import curves_table, pct, table
+from phalanx.reports.plots import plot_accuracy_curves, plot_training_history
+
+__all__ = ["curves_table", "pct", "plot_accuracy_curves", "plot_training_history", "table"]
