@@ -1,0 +1,59 @@
+"""Shared fixtures: tiny CPU models on the embedded digits data, and real MNIST when present."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = REPO.parent / "shared" / "data"
+MNIST_DIR = SHARED_DATA / "mnist"
+
+
+def mnist_available() -> bool:
+    return (MNIST_DIR / "train-images-idx3-ubyte.gz").is_file()
+
+
+requires_mnist = pytest.mark.skipif(not mnist_available(), reason="real MNIST not found in ../shared/data/mnist")
+
+
+@pytest.fixture(scope="session")
+def digits():
+    from phalanx.data import load_dataset
+
+    return load_dataset("digits", seed=0)
+
+
+def _train(digits, model: str, members: int, epochs: int, seed: int, **opts):
+    from phalanx import Ensemble, TrainConfig, create_method, create_model, fit
+
+    torch.manual_seed(seed)
+    ens = Ensemble([create_model(model, digits.in_shape, digits.num_classes, mean=digits.mean, std=digits.std, **opts)
+                    for _ in range(members)])
+    fit(ens, create_method("baseline"), digits,
+        TrainConfig(epochs=epochs, batch_size=64, lr=0.05, seed=seed, device="cpu"), progress=False)
+    return ens.eval()
+
+
+@pytest.fixture(scope="session")
+def mlp_ensemble(digits):
+    """3 trained digits MLPs (64-32 -> 10), ~95% clean accuracy. Do not modify in tests."""
+    return _train(digits, "mlp", 3, 8, 0, widths=[32])
+
+
+@pytest.fixture(scope="session")
+def cnn_ensemble(digits):
+    """3 trained digits small CNNs, ~98% clean accuracy. Do not modify in tests."""
+    return _train(digits, "small-cnn", 3, 6, 1)
+
+
+@pytest.fixture(scope="session")
+def tiny_mlp_pair(digits):
+    """2 trained digits MLPs with one hidden layer of 10 units (small enough for exact solvers)."""
+    return _train(digits, "mlp", 2, 10, 2, widths=[10])
