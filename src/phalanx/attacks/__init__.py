@@ -1,9 +1,40 @@
-"""Attacks: one gradient loop (FGSM, R-FGSM, BIM, PGD, MIM) and a registry."""
+"""Attacks: one gradient loop (FGSM, R-FGSM, BIM, PGD, MIM, M-DI2-FGSM, SGM, joint G.A. 1-3),
+feature distillation, AutoAttack, SignHunter, and a registry."""
 
-from phalanx.attacks.base import ATTACKS, Attack, create_attack
-from phalanx.attacks.gradient import GradientAttack, bim, fgsm, mim, pgd, rfgsm
-from phalanx.attacks.losses import LOSSES, attack_loss, ce_loss, cw_margin_loss
+from phalanx.attacks.base import ATTACKS, Attack, check_inputs, create_attack
+from phalanx.attacks.distillation import DistillationAttack, feature_distillation
+from phalanx.attacks.gradient import (
+    GradientAttack,
+    ascend,
+    bim,
+    fgsm,
+    ga1,
+    ga2,
+    ga3,
+    mdi2fgsm,
+    member_logits_of,
+    mim,
+    mpgd,
+    pgd,
+    rfgsm,
+    sgm,
+)
+from phalanx.attacks.losses import (
+    ALL_LOSSES,
+    LOSSES,
+    attack_loss,
+    ce_loss,
+    cw_margin_loss,
+    dlr_loss,
+    dlr_targeted_loss,
+    elu_regulator,
+    joint_margins,
+)
 from phalanx.attacks.projection import project, random_start
+from phalanx.attacks.transforms import input_diversity, skip_gradient
 
-__all__ = ["ATTACKS", "LOSSES", "Attack", "GradientAttack", "attack_loss", "bim", "ce_loss",
-           "create_attack", "cw_margin_loss", "fgsm", "mim", "pgd", "project", "random_start", "rfgsm"]
+__all__ = ["ALL_LOSSES", "ATTACKS", "LOSSES", "Attack", "DistillationAttack", "GradientAttack", "ascend",
+           "attack_loss", "bim", "ce_loss", "check_inputs", "create_attack", "cw_margin_loss", "dlr_loss",
+           "dlr_targeted_loss", "elu_regulator", "feature_distillation", "fgsm", "ga1", "ga2", "ga3",
+           "input_diversity", "joint_margins", "mdi2fgsm", "member_logits_of", "mim", "mpgd", "pgd", "project",
+           "random_start", "rfgsm", "sgm", "skip_gradient"]

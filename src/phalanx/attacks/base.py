@@ -9,6 +9,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor, nn
 
+from phalanx.errors import PhalanxError
 from phalanx.registry import Registry
 from phalanx.types import ThreatModel
 
@@ -32,4 +33,24 @@ ATTACKS: Registry[AttackFactory] = Registry("attack")
 
 
 def create_attack(name: str, **params: object) -> Attack:
-    return ATTACKS.get(name)(**params)
+    """Build a registered attack; unknown names or options raise a :class:`PhalanxError`."""
+    factory = ATTACKS.get(name)
+    try:
+        return factory(**params)
+    except TypeError as exc:
+        raise PhalanxError(f"bad options for attack {name!r}: {exc}") from None
+
+
+def check_inputs(model: nn.Module, x: Tensor, y: Tensor) -> None:
+    """Reject a batch that does not fit the model: labels must be (B,) integers in range and
+    the inputs (B, *in_shape) where the model declares its input shape."""
+    if x.dim() < 2 or y.dim() != 1 or y.shape[0] != x.shape[0]:
+        raise PhalanxError(f"expected inputs (B, ...) and labels (B,), got {tuple(x.shape)} and {tuple(y.shape)}")
+    if y.dtype not in (torch.int64, torch.int32):
+        raise PhalanxError(f"labels must be integer class indices, got dtype {y.dtype}")
+    shape = tuple(getattr(model, "in_shape", ()) or ())
+    if shape and tuple(x.shape[1:]) != shape:
+        raise PhalanxError(f"the model expects inputs of shape {shape}, got {tuple(x.shape[1:])}")
+    k = getattr(model, "num_classes", None)
+    if isinstance(k, int) and k > 0 and y.numel() and (int(y.min()) < 0 or int(y.max()) >= k):
+        raise PhalanxError(f"labels must be in 0..{k - 1}, got values in {int(y.min())}..{int(y.max())}")

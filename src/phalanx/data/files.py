@@ -139,11 +139,12 @@ def locate(
             except Exception as exc:  # network down, checksum mismatch, permissions
                 errors.append(f"{name}: {exc}")
         if errors:
-            log.warning("download failed: %s", "; ".join(errors))
+            log.info("download failed: %s", "; ".join(errors))
     if missing:
         where = "; ".join(f"{n} <- {sources[n][0]}" for n in missing)
+        tried = " (download failed: no network?)" if download_ok else ""
         raise DataNotFoundError(
-            f"{subdir} files missing in {data_dir / subdir} (or {data_dir}): {', '.join(missing)}. "
+            f"{subdir} files missing in {data_dir / subdir} (or {data_dir}){tried}: {', '.join(missing)}. "
             f"Place them there or pass --data-dir / set ${DATA_DIR_ENV}. Sources: {where}"
         )
     return found

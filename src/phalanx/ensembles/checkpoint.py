@@ -42,8 +42,10 @@ def safe_load(path: str | Path, what: str = "checkpoint") -> Any:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise CheckpointError(f"{path} is not a readable phalanx {what} (corrupted or foreign file): {first}") from None
+        raise CheckpointError(
+            f"{path} is not a readable phalanx {what}: corrupted, truncated, or not written by phalanx "
+            f"({type(exc).__name__}); phalanx reads files written by save_ensemble / phalanx train"
+        ) from None
 
 
 def ensemble_state(ensemble: Ensemble, *, dataset: str | None = None, extra: dict[str, Any] | None = None) -> dict[str, Any]:

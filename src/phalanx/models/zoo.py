@@ -17,12 +17,13 @@ MODELS: Registry[Builder] = Registry("model")
 
 
 def _flat_dim(layers: Sequence[nn.Module], in_shape: tuple[int, int, int], name: str) -> int:
-    with torch.no_grad():
-        h = torch.zeros(1, *in_shape)
-        for m in layers:
-            h = m(h)
-            if h.numel() == 0 or min(h.shape[1:]) < 1:
-                break
+    try:
+        with torch.no_grad():
+            h = torch.zeros(1, *in_shape)
+            for m in layers:
+                h = m(h)
+    except RuntimeError:
+        h = torch.zeros(0)
     if h.numel() == 0 or min(h.shape[1:]) < 1:
         raise PhalanxError(f"input shape {in_shape} is too small for model {name!r}")
     return int(h.numel())
@@ -174,7 +175,9 @@ def create_model(name: str, in_shape: Sequence[int], num_classes: int, **kwargs:
             import inspect
 
             allowed = [p for p in inspect.signature(builder).parameters if p not in ("in_shape", "num_classes")]
-            raise PhalanxError(f"model {name!r} does not accept {exc}; accepted options: {', '.join(allowed)}") from None
+            bad = sorted(set(kwargs) - set(allowed))
+            raise PhalanxError(f"model {name!r} has no option {', '.join(map(repr, bad))}; "
+                               f"accepted options: {', '.join(allowed)}") from None
         raise
 
 
