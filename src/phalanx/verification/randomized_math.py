@@ -226,6 +226,7 @@ def _check_patterns(patterns: Sequence[Sequence[Pattern]], num_classifiers: int)
 def optimal_pattern_attack(
     patterns: Sequence[Sequence[Pattern]], num_classifiers: int, num_attacks: int, *,
     objective: str = "max-min", alpha: float | None = None, time_limit_s: float = 60.0,
+    force_milp: bool = False,
 ) -> PatternAttack:
     """The best randomized attack with at most ``num_attacks`` attacks, given per point the
     (maximal) fooling patterns, with no network inside.
@@ -259,8 +260,8 @@ def optimal_pattern_attack(
         raise PhalanxError(f"num_attacks must be an integer >= 1, got {num_attacks!r}")
     pats = _check_patterns(patterns, num_classifiers)
     n, cn = len(pats), num_classifiers
-    use_lp = num_attacks >= cn or all(len(p) == 1 for p in pats)
-    a = 1 if all(len(p) == 1 for p in pats) else (num_attacks if not use_lp else 0)
+    use_lp = (num_attacks >= cn and not force_milp) or all(len(p) == 1 for p in pats)
+    a = num_attacks
 
     model = MilpModel()
     t = model.add_var(0.0, 1.0)
@@ -308,9 +309,8 @@ def optimal_pattern_attack(
         model.set_objective([t], [0.0], sense="max")
     out = model.solve(time_limit_s)
     method = "pattern-lp" if use_lp else "pattern-milp"
-    if out.status == "infeasible":
-        return PatternAttack("infeasible", 0.0, np.zeros(0), np.zeros((0, n), dtype=np.int64),
-                             None if objective != "feasibility" else float(alpha) - 0.0, method)  # type: ignore[arg-type]
+    if out.status == "infeasible":  # only the feasibility objective can be infeasible
+        return PatternAttack("infeasible", 0.0, np.zeros(0), np.zeros((0, n), dtype=np.int64), None, method)
     if out.values is None or out.status not in ("optimal", "timeout"):
         return PatternAttack(out.status if out.status != "optimal" else "error", 0.0, np.zeros(0),
                              np.zeros((0, n), dtype=np.int64), None, method)
@@ -322,6 +322,9 @@ def optimal_pattern_attack(
         choices = np.array([ch for _, ch in atoms], dtype=np.int64).reshape(len(atoms), n)
         if len(atoms) > num_attacks or len(atoms) > cn:
             probs, choices = _reduce_attacks(probs, choices, pats, cn, objective)
+        if len(probs) > num_attacks:  # only when the optimal value is 0 or the LP was degenerate
+            return optimal_pattern_attack(pats, cn, num_attacks, objective=objective, alpha=alpha,
+                                          time_limit_s=time_limit_s, force_milp=True)
     else:
         probs = clean_probabilities(vals[p_ids])
         choices = np.array([[int(np.argmax(vals[z_ids[i][j]])) for j in range(n)] for i in range(a)],
