@@ -64,7 +64,10 @@ def stage_train_baseline(ctx: DemoContext) -> None:
     ]
 
 
-STAGES: list[Stage] = [stage_train_baseline]
+from phalanx.evaluation.demo_stage import stage_attacks  # noqa: E402
+from phalanx.training.demo_stage import stage_diversity_training  # noqa: E402
+
+STAGES: list[Stage] = [stage_train_baseline, stage_diversity_training, stage_attacks]
 
 
 def run_demo(out_dir: str | Path, *, progress: bool = True, overrides: dict[str, Any] | None = None,

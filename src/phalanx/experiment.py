@@ -52,7 +52,17 @@ def train_run(cfg: RunConfig, run_dir: Path, *, resume: bool = False, progress: 
                                    f"({prev.get(sec)} vs {resolved[sec]})")
     write_json(run_dir / "config.json", resolved)
     write_json(run_dir / "environment.json", environment(cfg.train.seed, str(resolve_device(cfg.train.device))))
+    if init is None and cfg.model.init is not None:
+        from phalanx.ensembles import Combiner
+
+        init = load_ensemble(cfg.model.init)
+        init.combiner = Combiner.parse(cfg.model.combiner)
+        if len(init) != cfg.model.members:
+            raise PhalanxError(f"model.init {cfg.model.init} has {len(init)} members, model.members is {cfg.model.members}")
     ensemble = init if init is not None else build_ensemble(cfg.model, data, seed=cfg.train.seed)
+    if tuple(ensemble.in_shape) != tuple(data.in_shape) or ensemble.num_classes != data.num_classes:
+        raise PhalanxError(f"ensemble expects inputs {ensemble.in_shape} with {ensemble.num_classes} classes; "
+                           f"dataset {data.name!r} has {data.in_shape} with {data.num_classes}")
     method = create_method(cfg.method.name, **cfg.method.options)
     result = fit(ensemble, method, data, cfg.train, run_dir=run_dir, resume=resume, progress=progress)
     return ensemble, result, data

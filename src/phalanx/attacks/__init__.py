@@ -1,7 +1,8 @@
 """Attacks: one gradient loop (FGSM, R-FGSM, BIM, PGD, MIM, M-DI2-FGSM, SGM, joint G.A. 1-3),
 feature distillation, AutoAttack, SignHunter, and a registry."""
 
-from phalanx.attacks.base import ATTACKS, Attack, check_inputs, create_attack
+from phalanx.attacks.autoattack import AutoAttack, apgd, fab_targeted, output_kind
+from phalanx.attacks.base import ATTACKS, Attack, check_inputs, configure_attack, create_attack
 from phalanx.attacks.distillation import DistillationAttack, feature_distillation
 from phalanx.attacks.gradient import (
     GradientAttack,
@@ -31,10 +32,12 @@ from phalanx.attacks.losses import (
     joint_margins,
 )
 from phalanx.attacks.projection import project, random_start
+from phalanx.attacks.query import SignHunterAttack, signhunter, square_attack
 from phalanx.attacks.transforms import input_diversity, skip_gradient
 
-__all__ = ["ALL_LOSSES", "ATTACKS", "LOSSES", "Attack", "DistillationAttack", "GradientAttack", "ascend",
-           "attack_loss", "bim", "ce_loss", "check_inputs", "create_attack", "cw_margin_loss", "dlr_loss",
+__all__ = ["ALL_LOSSES", "ATTACKS", "LOSSES", "Attack", "AutoAttack", "SignHunterAttack", "apgd", "fab_targeted",
+           "output_kind", "signhunter", "square_attack", "DistillationAttack", "GradientAttack", "ascend",
+           "attack_loss", "bim", "ce_loss", "check_inputs", "configure_attack", "create_attack", "cw_margin_loss", "dlr_loss",
            "dlr_targeted_loss", "elu_regulator", "feature_distillation", "fgsm", "ga1", "ga2", "ga3",
            "input_diversity", "joint_margins", "mdi2fgsm", "member_logits_of", "mim", "mpgd", "pgd", "project",
            "random_start", "rfgsm", "sgm", "skip_gradient"]

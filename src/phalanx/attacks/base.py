@@ -54,3 +54,18 @@ def check_inputs(model: nn.Module, x: Tensor, y: Tensor) -> None:
     k = getattr(model, "num_classes", None)
     if isinstance(k, int) and k > 0 and y.numel() and (int(y.min()) < 0 or int(y.max()) >= k):
         raise PhalanxError(f"labels must be in 0..{k - 1}, got values in {int(y.min())}..{int(y.max())}")
+
+
+def configure_attack(name: str, *, steps: int | None = None, restarts: int | None = None, loss: str | None = None,
+                     **params: object) -> Attack:
+    """Build a registered attack, passing the common settings only to attacks that take them
+    (``steps`` to the iterative gradient attacks, ``restarts`` to PGD-like ones, ``loss`` to
+    those with a loss choice); ``params`` are passed as given (unknown ones are an error)."""
+    import inspect
+
+    accepted = inspect.signature(ATTACKS.get(name)).parameters
+    kw = dict(params)
+    for key, value in (("steps", steps), ("restarts", restarts), ("loss", loss)):
+        if value is not None and key in accepted:
+            kw.setdefault(key, value)
+    return create_attack(name, **kw)

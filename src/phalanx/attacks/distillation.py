@@ -95,7 +95,7 @@ class DistillationAttack(Attack):
         net = _feature_model(model, self.member)
         if not hasattr(net, "features"):
             raise PhalanxError("feature distillation needs a model with feature taps (phalanx.models.FeatureNet)")
-        layer = self.layer if self.layer is not None else int(net.num_feature_layers)
+        layer = self.layer if self.layer is not None else int(getattr(net, "num_feature_layers"))  # noqa: B009
         if threat.eps == 0:
             return x.detach().clone()
         x_target = target if target is not None else x[torch.randperm(x.shape[0], generator=generator).to(x.device)]

@@ -36,13 +36,15 @@ from phalanx.errors import PhalanxError
 @click.option("--eps", default=None, help="Comma-separated eps list for the final PGD evaluation.")
 @click.option("--resume", "resume_dir", type=click.Path(file_okay=False), default=None,
               help="Continue a killed run from its last checkpoint.")
+@click.option("--init", "init_path", type=click.Path(dir_okay=False), default=None,
+              help="Start from a trained ensemble checkpoint (e.g. DVERGE or iGAT fine-tuning of a baseline).")
 @device_option
 @out_option
 @progress_option
 def train(config_path: str | None, overrides: tuple[str, ...], dataset: str | None, data_dir: str | None,
           limit: int | None, model: str | None, members: int | None, method: str | None, epochs: int | None,
           batch_size: int | None, lr: float | None, seed: int | None, eps: str | None, resume_dir: str | None,
-          device: str | None, out: str | None, progress: bool) -> None:
+          init_path: str | None, device: str | None, out: str | None, progress: bool) -> None:
     """Train an ensemble; writes a run folder with checkpoints, metrics, results and a report."""
     from phalanx.experiment import evaluate_ensemble, train_run, write_train_report
 
@@ -58,6 +60,18 @@ def train(config_path: str | None, overrides: tuple[str, ...], dataset: str | No
                           ("train", "seed", seed), ("train", "device", device),
                           ("eval", "eps", parse_eps_list(eps))]:
         shortcut(tree, sec, key, val)
+    if init_path is not None:
+        from phalanx.ensembles import checkpoint_info
+
+        info = checkpoint_info(init_path)
+        # the checkpoint decides the architecture; record it in the resolved config
+        first = dict(info["members"][0])
+        tree.setdefault("model", {}).update(
+            {"name": first.pop("name"), "members": len(info["members"]), "combiner": info["combiner"]})
+        for k in ("in_shape", "num_classes", "mean", "std"):
+            first.pop(k, None)
+        tree["model"].update(first)
+        tree["model"]["init"] = str(init_path)
     cfg = load_config(config_path, overrides, base=tree)
     run_dir = Path(resume_dir) if resume_dir is not None else run_dir_for(out, "train")
     ens, fit_result, data = train_run(cfg, run_dir, resume=resume_dir is not None, progress=progress)
@@ -147,5 +161,5 @@ def info(as_json: bool) -> None:
 
 
 def register(group: click.Group) -> None:
-    for cmd in (train, evaluate, demo, info):
+    for cmd in (train, demo, info):  # `evaluate` lives in phalanx.cli.attack (all protocols)
         group.add_command(cmd)

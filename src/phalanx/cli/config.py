@@ -38,6 +38,7 @@ class ModelConfig:
     name: str = "small-cnn"
     members: int = 3
     combiner: str = "mean-prob"
+    init: str | None = None  # start from this ensemble checkpoint instead of fresh members
     options: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:

@@ -13,7 +13,7 @@ import click
 from phalanx.errors import PhalanxError
 
 #: modules under phalanx.cli that define ``register(group)``; each adds its subcommands
-COMMAND_MODULES = ("commands",)
+COMMAND_MODULES = ("commands", "attack", "randomized", "verify")
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})

@@ -4,7 +4,7 @@ train/eval mode used while generating adversarial or distilled data, and method 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
@@ -67,8 +67,8 @@ def member_input_gradients(members: list[nn.Module] | nn.ModuleList, x: Tensor, 
     ``d softmax(f_m(x))[y] / dx`` and ``'logit'`` ``d f_m(x)[y] / dx`` (SMD eq. 1), per example.
     ``create_graph=True`` keeps the graph so a loss on the gradients trains the parameters.
     """
-    check_choice("gradient kind", kind, ("ce",) + SALIENCY_OUTPUTS)
-    xg = x.detach().requires_grad_(True)
+    check_choice("gradient kind", kind, ("ce", *SALIENCY_OUTPUTS))
+    xg = x if x.requires_grad else x.detach().requires_grad_(True)  # keep an attack's graph
     grads, outs = [], []
     for m in members:
         z = m(xg)
@@ -105,5 +105,3 @@ def register_variant(name: str, cls: type[TrainingMethod], help: str, **defaults
     factory.__doc__ = help
     METHODS.add(name, factory, help)
 
-
-Factory = Callable[..., TrainingMethod]

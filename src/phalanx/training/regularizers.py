@@ -169,7 +169,7 @@ def igat_misclassification_regularizer(member_probs: Tensor, y: Tensor, mask: Te
 def igat_assigned_cross_entropy(member_logits: Tensor, y: Tensor, assignment: Tensor, mask: Tensor) -> Tensor:
     """Scalar iGAT global adversarial loss (eq. 16, second term): ``sum_m sum_{x: sel(x)=m,
     mask(x)} CE(f_m(x), y) / B`` (REFERENCE-FACTS: only ensemble-misclassified examples count)."""
-    m, b, _ = member_logits.shape
+    _m, b, _ = member_logits.shape
     picked = member_logits[assignment, torch.arange(b, device=member_logits.device)]  # (B, K)
     ce = F.cross_entropy(picked, y, reduction="none")
     return (ce * mask.to(ce.dtype)).sum() / max(b, 1)

@@ -1,0 +1,136 @@
+"""phalanx's DVERGE epoch against the authors' DVERGE trainer (github.com/zjysteven/DVERGE).
+
+The reference is *not* part of phalanx: pass the folder of an unpacked snapshot of the authors'
+repository (e.g. ``git --git-dir=<mirror> archive HEAD | tar -x -C /tmp/dverge_ref``). Their
+code expects CUDA, torchvision, advertorch and tensorboard; on a CPU-only machine this script
+shims them in memory (``.cuda()`` becomes a no-op, advertorch's ``NormalizeByChannelMeanStd`` is
+``(x - mean) / std``, the tensorboard writer and torchvision are empty stand-ins) and then runs
+their ``DVERGE_Trainer.train`` unchanged. Both sides train 3 ResNet-20 members with their own
+SGD optimizers (lr 0.1, momentum 0.9, wd 1e-4) on the same synthetic CIFAR-shaped data, batch
+size, distillation settings (eps 0.07, 10 steps of 0.007, momentum) and a fixed distillation
+layer; epochs alternate between the two implementations (interleaved repeats in one process).
+
+    nice -n 10 .venv/bin/python benchmarks/dverge_reference_speed.py --reference /tmp/dverge_ref
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+import types
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from phalanx import Ensemble, create_model
+from phalanx.data import DatasetSplits, Split
+from phalanx.training import DVERGE, TrainConfig, fit
+
+ROOT = Path(__file__).resolve().parents[1]
+MEAN, STD = (0.4914, 0.4822, 0.4465), (0.2023, 0.1994, 0.2010)
+
+
+def _shim_reference_imports() -> None:
+    """Stand-ins for the reference's GPU-only and optional imports (in memory only)."""
+    torch.Tensor.cuda = lambda self, *a, **k: self  # type: ignore[method-assign]
+    nn.Module.cuda = lambda self, *a, **k: self  # type: ignore[method-assign]
+
+    class NormalizeByChannelMeanStd(nn.Module):
+        def __init__(self, mean: torch.Tensor, std: torch.Tensor) -> None:
+            super().__init__()
+            self.register_buffer("mean", mean.view(1, -1, 1, 1))
+            self.register_buffer("std", std.view(1, -1, 1, 1))
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return (x - self.mean) / self.std
+
+    adv = types.ModuleType("advertorch")
+    adv_utils = types.ModuleType("advertorch.utils")
+    adv_utils.NormalizeByChannelMeanStd = NormalizeByChannelMeanStd  # type: ignore[attr-defined]
+    tv = types.ModuleType("torchvision")
+    tv.datasets = types.ModuleType("torchvision.datasets")  # type: ignore[attr-defined]
+    tv.transforms = types.ModuleType("torchvision.transforms")  # type: ignore[attr-defined]
+    tb = types.ModuleType("torch.utils.tensorboard")
+
+    class SummaryWriter:
+        def __init__(self, *a: Any, **k: Any) -> None: ...
+        def add_scalar(self, *a: Any, **k: Any) -> None: ...
+        def add_scalars(self, *a: Any, **k: Any) -> None: ...
+
+    tb.SummaryWriter = SummaryWriter  # type: ignore[attr-defined]
+    sys.modules.update({"advertorch": adv, "advertorch.utils": adv_utils, "torchvision": tv,
+                        "torchvision.datasets": tv.datasets, "torchvision.transforms": tv.transforms,  # type: ignore[attr-defined]
+                        "torch.utils.tensorboard": tb})
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--reference", required=True, help="folder of the unpacked authors' repository")
+    ap.add_argument("--images", type=int, default=256)
+    ap.add_argument("--batch-size", type=int, default=128)
+    ap.add_argument("--members", type=int, default=3)
+    ap.add_argument("--layer", type=int, default=20, help="fixed distillation layer (20 = logits)")
+    ap.add_argument("--repeats", type=int, default=3)
+    args = ap.parse_args()
+    torch.set_num_threads(1)
+    ref = Path(args.reference).resolve()
+    _shim_reference_imports()
+    sys.path.insert(0, str(ref))
+    sys.path.insert(0, str(ref / "train"))
+    import utils as ref_utils  # the authors' code
+    from train_dverge import DVERGE_Trainer
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(args.images, 3, 32, 32, generator=g)
+    y = torch.randint(0, 10, (args.images,), generator=g)
+
+    # the authors' side: their ResNet-20 in their ModelWrapper, one SGD per member
+    ns = argparse.Namespace(arch="ResNet", depth=20, model_num=args.members)
+    torch.manual_seed(0)
+    ref_models = ref_utils.get_models(ns, train=True)
+    opts = [torch.optim.SGD(m.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-4) for m in ref_models]
+    scheds = [torch.optim.lr_scheduler.MultiStepLR(o, [100, 150], 0.1) for o in opts]
+    loader = DataLoader(TensorDataset(x, y), batch_size=args.batch_size, shuffle=True, num_workers=0)
+    trainer = DVERGE_Trainer(ref_models, opts, scheds, loader, None, writer=sys.modules["torch.utils.tensorboard"].SummaryWriter(),  # type: ignore[attr-defined]
+                             epochs=1, distill_fixed_layer=True, distill_eps=0.07, distill_alpha=0.007,
+                             distill_steps=10, distill_layer=args.layer, distill_rand_start=False,
+                             distill_momentum=True, plus_adv=False, dverge_coeff=1.0, depth=20)
+
+    # phalanx's side: resnet20 members, DVERGE with the same settings and layer, SGD via fit()
+    torch.manual_seed(0)
+    ens = Ensemble([create_model("resnet20", (3, 32, 32), 10, mean=MEAN, std=STD) for _ in range(args.members)])
+    data = DatasetSplits("synthetic-cifar", Split(x, y), Split(x[:1], y[:1]), Split(x[:1], y[:1]),
+                         tuple(str(i) for i in range(10)), MEAN, STD)
+    method = DVERGE(layer=args.layer)
+
+    times: dict[str, list[float]] = {"reference": [], "phalanx": []}
+    for r in range(args.repeats + 1):  # the first round is a warm-up
+        t0 = time.perf_counter()
+        trainer.train(r + 1)
+        t_ref = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        fit(ens, method, data, TrainConfig(epochs=1, batch_size=args.batch_size, lr=0.1, seed=r,
+                                             schedule="constant", device="cpu"), progress=False)
+        t_ph = time.perf_counter() - t0
+        if r > 0:
+            times["reference"].append(t_ref)
+            times["phalanx"].append(t_ph)
+        print(f"round {r}: reference {t_ref:.2f} s, phalanx {t_ph:.2f} s", flush=True)
+    med = {k: statistics.median(v) for k, v in times.items()}
+    out = {"args": vars(args), "times_s": times, "median_s": med,
+           "speedup_phalanx_vs_reference": med["reference"] / med["phalanx"]}
+    (ROOT / "benchmarks" / "out").mkdir(parents=True, exist_ok=True)
+    (ROOT / "benchmarks" / "out" / "dverge_reference_speed.json").write_text(json.dumps(out, indent=1))
+    print(f"\n| implementation | epoch (s), median of {args.repeats} | relative |\n|---|---|---|")
+    print(f"| authors' DVERGE_Trainer | {med['reference']:.2f} | 1.00 |")
+    print(f"| phalanx fit + DVERGE | {med['phalanx']:.2f} | {med['phalanx'] / med['reference']:.2f} |")
+
+
+if __name__ == "__main__":
+    main()

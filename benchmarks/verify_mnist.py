@@ -1,0 +1,159 @@
+"""Verification on MNIST 784-30-10 MLPs (Amir et al. 2022, section IV): solver time per
+mutual-error query for Marabou alone, MILP alone and the portfolio, agreement of their verdicts,
+uniqueness scores of a 5-member ensemble and one selection step.
+
+Setup: 10 candidate MLPs (784-30-10, ReLU, the paper's architecture) trained a few epochs each
+with different seeds; agreement points: validation images every candidate classifies correctly
+(any label); eps 0.01-0.06; pairwise mutual-error queries of E1 = {N0..N4}.
+
+- Timing: every pair of E1 on the first ``--timing-points`` agreement points and every eps,
+  solved by each backend alone (one process, sequential, same machine state); per-query wall time
+  includes everything the backend needs (for Marabou: its own process per query).
+- Scores: uniqueness scores of E1 on ``--points`` agreement points with the portfolio (tables
+  IV/V), the G.A. 1/2/3 SAT counts on the same queries (table III) and one selection step over the
+  five fresh candidates.
+
+Run:  nice -n 10 env OMP_NUM_THREADS=1 .venv/bin/python benchmarks/verify_mnist.py
+Writes benchmarks/out/verify_mnist.json and prints Markdown tables.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from phalanx import Ensemble, TrainConfig, create_method, create_model, fit
+from phalanx.data import load_dataset
+from phalanx.reports import table
+from phalanx.verification.runner import Candidates, ResultStore, run_queries
+from phalanx.verification.scores import ScoreTable, agreement_points, pair_specs
+from phalanx.verification.selection import SelectionConfig, attack_comparison, select_members
+
+REPO = Path(__file__).resolve().parents[1]
+EPS = (0.01, 0.02, 0.03, 0.04, 0.05, 0.06)
+
+
+def train_candidates(data: Any, n: int, epochs: int) -> tuple[list[torch.nn.Module], list[float]]:
+    models, accs = [], []
+    for s in range(n):
+        torch.manual_seed(1000 + s)
+        m = create_model("mlp", data.in_shape, data.num_classes, mean=data.mean, std=data.std, widths=[30])
+        ens = Ensemble([m], "mean-logits")
+        fit(ens, create_method("baseline"), data, TrainConfig(epochs=epochs, batch_size=128, lr=0.05, seed=1000 + s,
+                                                              device="cpu"), progress=False)
+        m.eval()
+        with torch.no_grad():
+            accs.append(float((m(data.test.x).argmax(-1) == data.test.y).float().mean()))
+        models.append(m)
+    return models, accs
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--data-dir", default=str(REPO.parent / "shared" / "data" / "mnist"))
+    ap.add_argument("--epochs", type=int, default=3)
+    ap.add_argument("--points", type=int, default=10, help="agreement points for the scores and selection")
+    ap.add_argument("--timing-points", type=int, default=3, help="agreement points for the backend timing")
+    ap.add_argument("--timeout", type=float, default=60.0, help="per-query time limit (s)")
+    ap.add_argument("--out", default=str(REPO / "benchmarks" / "out" / "verify_mnist.json"))
+    args = ap.parse_args()
+    torch.set_num_threads(1)
+    t_all = time.perf_counter()
+    data = load_dataset("mnist", data_dir=args.data_dir, seed=0)
+    t0 = time.perf_counter()
+    models, accs = train_candidates(data, 10, args.epochs)
+    train_s = time.perf_counter() - t0
+    cands = Candidates.from_models(models)
+    idx = agreement_points(cands.models, data.val.x, data.val.y, count=args.points)
+    x, y = data.val.x[idx], data.val.y[idx]
+    pts = x.reshape(len(x), -1).double().numpy()
+    labels = y.tolist()
+    e1 = (0, 1, 2, 3, 4)
+
+    # -- timing: Marabou alone, MILP alone, portfolio, on the same queries --------------------
+    tp = min(args.timing_points, len(pts))
+    specs = pair_specs(e1, tp, EPS, labels)
+    timing: dict[str, Any] = {}
+    verdicts: dict[str, list[str]] = {}
+    for backend, opts in (("portfolio", {}), ("milp", {}), ("marabou", {})):
+        t0 = time.perf_counter()
+        recs = run_queries(cands, pts, specs, backend=backend, options=opts, time_limit_s=args.timeout)
+        wall = time.perf_counter() - t0
+        times = [r.result.wall_time_s for r in recs]
+        verdicts[backend] = [r.result.verdict.value for r in recs]
+        by_stage: dict[str, int] = {}
+        for r in recs:
+            by_stage[r.result.backend] = by_stage.get(r.result.backend, 0) + 1
+        timing[backend] = {"queries": len(recs), "total_s": wall, "mean_s": statistics.mean(times),
+                           "median_s": statistics.median(times), "max_s": max(times),
+                           "verdicts": {v: verdicts[backend].count(v) for v in sorted(set(verdicts[backend]))},
+                           "decided_by": by_stage}
+        print(f"{backend}: {timing[backend]}", flush=True)
+    names = list(verdicts)
+    agreement = {}
+    for i, a in enumerate(names):
+        for b in names[i + 1:]:
+            both = [(u, v) for u, v in zip(verdicts[a], verdicts[b], strict=True)
+                    if u in ("sat", "unsat") and v in ("sat", "unsat")]
+            agreement[f"{a} vs {b}"] = {"both_decided": len(both), "disagree": sum(u != v for u, v in both)}
+
+    # -- scores of E1 (portfolio), G.A. comparison, one selection step -----------------------
+    store = ResultStore()
+    t0 = time.perf_counter()
+    recs = run_queries(cands, pts, pair_specs(e1, len(pts), EPS, labels), backend="portfolio",
+                       time_limit_s=args.timeout, store=store)
+    scores_s = time.perf_counter() - t0
+    tab = ScoreTable.from_records(recs, e1, EPS, len(pts))
+    comparison = attack_comparison(cands, recs, pts)
+    t0 = time.perf_counter()
+    sel = select_members(cands, pts, labels, SelectionConfig(k=5, eps=EPS, time_limit_s=args.timeout, max_iters=1,
+                                                             initial=e1), store=store)
+    select_s = time.perf_counter() - t0
+
+    result = {
+        "machine": {"platform": platform.platform(), "python": platform.python_version(), "torch": torch.__version__},
+        "setup": {"candidates": 10, "architecture": "784-30-10 ReLU MLP", "epochs": args.epochs,
+                  "test_accuracy": accs, "agreement_points": len(pts), "timing_points": tp, "eps": list(EPS),
+                  "timeout_s": args.timeout, "train_s": train_s},
+        "timing": timing, "agreement": agreement,
+        "speedup_portfolio_vs_marabou": timing["marabou"]["mean_s"] / timing["portfolio"]["mean_s"],
+        "speedup_portfolio_vs_milp": timing["milp"]["mean_s"] / timing["portfolio"]["mean_s"],
+        "scores": tab.to_json(), "scores_s": scores_s, "attack_comparison": comparison,
+        "selection": sel.to_json(), "selection_s": select_s, "total_s": time.perf_counter() - t_all,
+    }
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=1))
+
+    print(f"\n10 candidates 784-30-10 (test accuracy {min(accs):.4f}-{max(accs):.4f}), {len(pts)} agreement "
+          f"points, eps {list(EPS)}; timing on {tp} points x 10 pairs x 6 eps = {len(specs)} queries, "
+          f"timeout {args.timeout:g} s\n")
+    print(table(["backend", "queries", "mean s/query", "median s", "max s", "total s", "verdicts", "decided by"],
+                [[b, t["queries"], f"{t['mean_s']:.3f}", f"{t['median_s']:.3f}", f"{t['max_s']:.2f}",
+                  f"{t['total_s']:.1f}", " ".join(f"{k}:{v}" for k, v in t["verdicts"].items()),
+                  " ".join(f"{k}:{v}" for k, v in t["decided_by"].items())] for b, t in timing.items()]))
+    print()
+    print(table(["pair of backends", "both decided", "disagreements"],
+                [[k, v["both_decided"], v["disagree"]] for k, v in agreement.items()]))
+    print(f"\nportfolio speed-up: {result['speedup_portfolio_vs_marabou']:.1f}x vs Marabou alone, "
+          f"{result['speedup_portfolio_vs_milp']:.1f}x vs MILP alone (mean time per query)\n")
+    print(tab.markdown([f"N{i}" for i in e1]))
+    c = comparison
+    print(table(["G.A. 1", "G.A. 2", "G.A. 3", "verification SAT", "verification UNSAT", "attack SAT on UNSAT"],
+                [[c["attack_sat"]["ga1"], c["attack_sat"]["ga2"], c["attack_sat"]["ga3"], c["verification_sat"],
+                  c["verification_unsat"], c["attack_sat_on_unsat"]]]))
+    print()
+    print(sel.markdown())
+    print(f"total {result['total_s']:.0f} s (training {train_s:.0f} s, scores {scores_s:.0f} s, "
+          f"selection {select_s:.0f} s)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,152 @@
+"""Verification subcommands: ``verify pairs``, ``verify ensemble``, ``select``, ``export-vnnlib``."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import click
+
+from phalanx.cli.common import out_option, parse_eps_list, progress_option, run_dir_for
+from phalanx.errors import PhalanxError
+
+
+def _members(text: str | None) -> tuple[int, ...] | None:
+    if text is None:
+        return None
+    try:
+        return tuple(int(v) for v in text.replace(" ", "").split(",") if v)
+    except ValueError:
+        raise PhalanxError(f"--members expects comma-separated indices, got {text!r}") from None
+
+
+def _common(f: Callable[..., Any]) -> Callable[..., Any]:
+    opts = [
+        click.option("--eps", default="0.01,0.02,0.03", show_default=True, help="Comma-separated L-inf radii."),
+        click.option("--points", type=int, default=20, show_default=True, help="Number of points."),
+        click.option("--backend", default="portfolio", show_default=True,
+                     help="Verifier: portfolio, milp, marabou, smt, bounds, attack (see `phalanx info`)."),
+        click.option("--complete", default=None, help="Complete backend inside the portfolio (default milp)."),
+        click.option("--timeout", "time_limit", type=float, default=60.0, show_default=True,
+                     help="Time limit per query in seconds."),
+        click.option("--workers", type=int, default=1, show_default=True, help="Parallel worker processes."),
+        click.option("--members", default=None, help="Comma-separated member indices (default all)."),
+        click.option("--data-dir", default=None, help="Folder with dataset files."),
+        click.option("--seed", type=int, default=0, show_default=True),
+    ]
+    for o in reversed(opts):
+        f = o(f)
+    return f
+
+
+def _config(eps: str, points: int, backend: str, complete: str | None, time_limit: float, workers: int,
+            members: str | None, data_dir: str | None, seed: int, **kw: Any) -> Any:
+    from phalanx.verification.workflows import VerifyConfig
+
+    opts: dict[str, Any] = {}
+    if complete is not None:
+        if backend != "portfolio":
+            raise PhalanxError("--complete only applies to --backend portfolio")
+        opts["complete"] = complete
+    return VerifyConfig(eps=tuple(parse_eps_list(eps) or []), points=points, backend=backend, backend_options=opts,
+                        time_limit_s=time_limit, workers=workers, members=_members(members), data_dir=data_dir,
+                        seed=seed, **kw)
+
+
+@click.group()
+def verify() -> None:
+    """Formally verify ensembles: mutual errors of members, robustness of the whole ensemble."""
+
+
+@verify.command("pairs")
+@click.argument("checkpoint", type=click.Path(dir_okay=False))
+@_common
+@click.option("--label", type=int, default=None, help="Only agreement points of this label.")
+@click.option("--subset-size", type=int, default=2, show_default=True, help="Members per mutual-error query.")
+@click.option("--runner-up", is_flag=True, help="Paper's runner-up simplification (fast, can only report SAT).")
+@click.option("--split", type=click.Choice(["val", "test"]), default="val", show_default=True)
+@out_option
+@progress_option
+def pairs(checkpoint: str, label: int | None, subset_size: int, runner_up: bool, split: str, out: str | None,
+          progress: bool, **kw: Any) -> None:
+    """Mutual-error queries and uniqueness scores of a checkpoint's members (resumable with --out)."""
+    from phalanx.verification.workflows import verify_pairs
+
+    cfg = _config(label=label, subset_size=subset_size, runner_up=runner_up, split=split, **kw)
+    run_dir = run_dir_for(out, "verify-pairs")
+    res = verify_pairs(checkpoint, run_dir, cfg, progress=progress)
+    click.echo(f"{res['summary']['queries']} queries {res['summary']['verdicts']}; report {run_dir / 'report.md'}")
+
+
+@verify.command("ensemble")
+@click.argument("checkpoint", type=click.Path(dir_okay=False))
+@_common
+@click.option("--combiner", type=click.Choice(["mean-logits", "majority", "mean-prob", "max-prob"]), default=None,
+              help="Combination rule to verify (default: the checkpoint's; only mean-logits and majority encode).")
+@out_option
+@progress_option
+def ensemble(checkpoint: str, combiner: str | None, out: str | None, progress: bool, **kw: Any) -> None:
+    """Verified robust accuracy of the whole ensemble on random test points (PGD alongside)."""
+    from phalanx.verification.workflows import verify_ensemble
+
+    cfg = _config(**kw)
+    run_dir = run_dir_for(out, "verify-ensemble")
+    res = verify_ensemble(checkpoint, run_dir, cfg, combiner=combiner, progress=progress)
+    rows = res["robustness"]["rows"]
+    click.echo("; ".join(f"eps {r['eps']:g}: verified {r['verified_robust_accuracy']:.3f} "
+                         f"PGD {r['pgd_robust_accuracy']:.3f}" for r in rows) + f"; report {run_dir / 'report.md'}")
+
+
+@click.command("select")
+@click.argument("checkpoint", type=click.Path(dir_okay=False))
+@_common
+@click.option("-k", "--k", "k", type=int, required=True, help="Ensemble size to select.")
+@click.option("--label", type=int, default=None, help="Only agreement points of this label.")
+@click.option("--initial", default=None, help="Comma-separated initial members (default 0..k-1).")
+@click.option("--max-iters", type=int, default=10, show_default=True)
+@click.option("--time-budget", type=float, default=None, help="Stop after this many seconds.")
+@click.option("--validate", "validate_points", type=int, default=0, show_default=True,
+              help="Random test points for verified robust accuracy before/after.")
+@out_option
+@progress_option
+def select(checkpoint: str, k: int, label: int | None, initial: str | None, max_iters: int,
+           time_budget: float | None, validate_points: int, out: str | None, progress: bool, **kw: Any) -> None:
+    """Verification-aided member selection (Amir et al. 2022, section III-C) from n > k candidates."""
+    from phalanx.verification.workflows import select as run_select
+
+    cfg = _config(label=label, **kw)
+    run_dir = run_dir_for(out, "select")
+    res = run_select(checkpoint, run_dir, cfg, k=k, max_iters=max_iters, time_budget_s=time_budget,
+                     initial=_members(initial), validate_points=validate_points, progress=progress)
+    sel = res["selection"]
+    click.echo(f"selected members {sel['final']} (from {sel['initial']}, {sel['stop_reason']}); "
+               f"checkpoint {run_dir / 'selected.pt'}; report {run_dir / 'report.md'}")
+
+
+@click.command("export-vnnlib")
+@click.argument("checkpoint", type=click.Path(dir_okay=False))
+@click.option("--eps", default="0.02", show_default=True, help="Comma-separated radii (one query each).")
+@click.option("--index", type=int, default=0, show_default=True, help="Which agreement point.")
+@click.option("--members", default=None, help="Comma-separated member indices (default all).")
+@click.option("--kind", type=click.Choice(["mutual-error", "mean-logits", "majority"]), default="mutual-error",
+              show_default=True)
+@click.option("--runner-up", is_flag=True, help="Only each member's runner-up label (SAT-only form).")
+@click.option("--data-dir", default=None)
+@out_option
+def export_vnnlib(checkpoint: str, eps: str, index: int, members: str | None, kind: str, runner_up: bool,
+                  data_dir: str | None, out: str | None) -> None:
+    """Export a query as ONNX networks plus a VNN-LIB property for external verifiers."""
+    from phalanx.verification.workflows import VerifyConfig
+    from phalanx.verification.workflows import export_vnnlib as run_export
+
+    cfg = VerifyConfig(eps=tuple(parse_eps_list(eps) or []), points=index + 1, members=_members(members),
+                       runner_up=runner_up, data_dir=data_dir)
+    run_dir = run_dir_for(out, "export-vnnlib")
+    res = run_export(checkpoint, run_dir, cfg, index=index, kind=kind)
+    click.echo(f"wrote {len(res['exports'])} queries to {run_dir}")
+
+
+def register(group: click.Group) -> None:
+    group.add_command(verify)
+    group.add_command(select)
+    group.add_command(export_vnnlib)

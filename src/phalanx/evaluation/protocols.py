@@ -1,0 +1,209 @@
+"""One entry point for the evaluation protocols (used by ``phalanx evaluate`` and the demo):
+an :class:`EvaluationSpec` plus an ensemble and a test split in, a JSON-ready result out."""
+
+from __future__ import annotations
+
+import enum
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from phalanx.attacks import Attack, configure_attack
+from phalanx.data import DatasetSplits, Split
+from phalanx.ensembles import Ensemble, load_ensemble
+from phalanx.errors import PhalanxError
+from phalanx.evaluation.clean import evaluate_clean, model_device
+from phalanx.evaluation.decision import decision_regions
+from phalanx.evaluation.sanity import check_blackbox_vs_whitebox
+from phalanx.evaluation.transfer import (
+    generate_transfer_sets,
+    load_transfer_sets,
+    score_transfer_sets,
+    train_surrogates,
+    transfer_attacks,
+)
+from phalanx.evaluation.transferability import diversity_matrix, transferability_matrix
+from phalanx.evaluation.whitebox import whitebox_evaluation
+from phalanx.types import check_eps
+
+log = logging.getLogger(__name__)
+
+
+class Protocol(str, enum.Enum):
+    WHITEBOX = "whitebox"
+    BLACKBOX = "blackbox"
+    TRANSFERABILITY = "transferability"
+    DIVERSITY = "diversity"
+
+    @classmethod
+    def parse(cls, value: str | Protocol) -> Protocol:
+        if isinstance(value, Protocol):
+            return value
+        for p in cls:
+            if p.value == str(value).lower():
+                return p
+        raise PhalanxError(f"unknown protocol {value!r}; accepted: {', '.join(p.value for p in cls)}")
+
+
+@dataclass(frozen=True)
+class EvaluationSpec:
+    """What to evaluate. ``attacks`` are registry names (white-box curves; the first one also
+    attacks each member, builds the transferability matrix and the image grid); ``steps``,
+    ``restarts`` and ``loss`` go to the attacks that take them; ``attack_params`` to all."""
+
+    protocol: Protocol | str = Protocol.WHITEBOX
+    eps: tuple[float, ...] = (0.0, 0.05, 0.1, 0.15, 0.2, 0.3)
+    attacks: tuple[str, ...] = ("pgd",)
+    steps: int | None = 20
+    restarts: int | None = 1
+    loss: str | None = None
+    attack_params: dict[str, Any] = field(default_factory=dict)
+    batch_size: int = 500
+    seed: int = 0
+    members: bool = True
+    sanity: bool = True
+    # black-box
+    transfer_sets: str | None = None
+    surrogates: tuple[str, ...] = ()
+    train_surrogates: tuple[int, ...] = ()
+    surrogate_model: str = "small-cnn"
+    surrogate_epochs: int = 10
+    transfer_steps: int = 100
+    transfer_restarts: int = 3
+    # diversity
+    diversity_eps: float = 0.07
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "protocol", Protocol.parse(self.protocol))
+        object.__setattr__(self, "eps", tuple(check_eps(e) for e in self.eps))
+        object.__setattr__(self, "attacks", tuple(self.attacks))
+        if not self.eps:
+            raise PhalanxError("the eps list is empty; give at least one eps (e.g. --eps 0.05,0.1)")
+        if not self.attacks:
+            raise PhalanxError("give at least one attack name (see `phalanx info`)")
+        for key in ("steps", "restarts"):
+            v = getattr(self, key)
+            if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
+                raise PhalanxError(f"{key} must be an integer >= 1, got {v!r}")
+        for key in ("transfer_steps", "transfer_restarts", "surrogate_epochs", "batch_size"):
+            v = getattr(self, key)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise PhalanxError(f"{key} must be an integer >= 1, got {v!r}")
+        check_eps(self.diversity_eps)
+        self.build_attacks()  # unknown names or bad settings fail here, before any work
+
+    def build_attacks(self) -> dict[str, Attack]:
+        return {name: configure_attack(name, steps=self.steps, restarts=self.restarts, loss=self.loss,
+                                       **self.attack_params) for name in self.attacks}
+
+
+def _nonzero(eps: tuple[float, ...]) -> list[float]:
+    return [e for e in eps if e > 0]
+
+
+def run_evaluation(spec: EvaluationSpec, ensemble: Ensemble, data: DatasetSplits, split: Split, *,
+                   run_dir: str | Path | None = None, progress: bool = False) -> dict[str, Any]:
+    """Run ``spec.protocol`` on ``ensemble`` (put in eval mode) over ``split``; ``run_dir``
+    receives generated transfer sets and trained surrogates. Always includes clean metrics and
+    sample images/decision regions for the report."""
+    ensemble.eval()
+    if tuple(data.in_shape) != tuple(ensemble.in_shape) or data.num_classes != ensemble.num_classes:
+        raise PhalanxError(f"the ensemble expects inputs {ensemble.in_shape} with {ensemble.num_classes} classes; "
+                           f"dataset {data.name!r} has {data.in_shape} with {data.num_classes}")
+    gen = torch.Generator().manual_seed(spec.seed)
+    attacks = spec.build_attacks()
+    first_name, first = next(iter(attacks.items()))
+    p = Protocol.parse(spec.protocol)
+    out: dict[str, Any] = {"protocol": p.value, "n": len(split), "seed": spec.seed,
+                           "clean": evaluate_clean(ensemble, split, spec.batch_size)}
+    if p is Protocol.WHITEBOX:
+        out["whitebox"] = whitebox_evaluation(ensemble, split, spec.eps, attacks, members=spec.members,
+                                              sanity=spec.sanity, batch_size=spec.batch_size, generator=gen,
+                                              progress=progress)
+    elif p is Protocol.TRANSFERABILITY:
+        out["transferability"] = [
+            transferability_matrix(ensemble, split, eps, attack=first, restarts=spec.restarts or 1, limit=None,
+                                   batch_size=spec.batch_size, generator=gen, progress=progress)
+            for eps in _nonzero(spec.eps)]
+    elif p is Protocol.DIVERSITY:
+        out["diversity"] = diversity_matrix(ensemble, split, eps=spec.diversity_eps, limit=None, generator=gen,
+                                            progress=progress)
+    else:
+        out["blackbox"] = _blackbox(spec, ensemble, data, split, attacks, run_dir, gen, progress)
+    out["examples"] = _examples(ensemble, split, first_name, first, max(spec.eps), gen)
+    return out
+
+
+def _blackbox(spec: EvaluationSpec, ensemble: Ensemble, data: DatasetSplits, split: Split,
+              attacks: dict[str, Attack], run_dir: str | Path | None, gen: torch.Generator,
+              progress: bool) -> dict[str, Any]:
+    if spec.transfer_sets is not None:
+        sets_dir = Path(spec.transfer_sets)
+        sets = load_transfer_sets(sets_dir)
+        if len(sets["y"]) != len(split) or not torch.equal(sets["y"], split.y.cpu()):
+            log.info("scoring the %d examples stored with the transfer sets", len(sets["y"]))
+    else:
+        if run_dir is None:
+            raise PhalanxError("black-box evaluation needs transfer sets or a run folder to write them to")
+        device = model_device(ensemble)
+        sources: dict[str, Any] = {}
+        for path in spec.surrogates:
+            sources[Path(path).stem] = load_ensemble(path, map_location=device).eval()
+        if spec.train_surrogates:
+            trained = train_surrogates(data, spec.train_surrogates, model=spec.surrogate_model,
+                                       epochs=spec.surrogate_epochs, seed=1000 + spec.seed, device=str(device),
+                                       progress=progress)
+            from phalanx.ensembles import save_ensemble
+
+            for name, ens in trained.items():
+                save_ensemble(ens, Path(run_dir) / "surrogates" / f"{name}.pt", dataset=data.name)
+            sources.update(trained)
+        if not sources:
+            raise PhalanxError("black-box evaluation needs --transfer-sets DIR, --surrogates CKPT[,CKPT] "
+                               "or --train-surrogates SIZES (e.g. 3,5,8)")
+        sets_dir = generate_transfer_sets(
+            sources, split, _nonzero(spec.eps) or list(spec.eps), Path(run_dir) / "transfer_sets",
+            attacks=transfer_attacks(steps=spec.transfer_steps, restarts=spec.transfer_restarts),
+            batch_size=spec.batch_size, generator=gen, progress=progress)
+        sets = load_transfer_sets(sets_dir)
+    scored = score_transfer_sets(ensemble, sets, batch_size=spec.batch_size)
+    scored["transfer_sets"] = str(sets_dir)
+    checks = []
+    if spec.sanity:
+        from phalanx.data import Split as _Split
+
+        stored = _Split(sets["x"], sets["y"])
+        eps_bb = [r["eps"] for r in scored["curve"] if r["eps"] > 0]
+        if eps_bb:
+            wb = whitebox_evaluation(ensemble, stored, eps_bb, {n: a for n, a in list(attacks.items())[:1]},
+                                     members=False, sanity=False, batch_size=spec.batch_size, generator=gen)
+            scored["whitebox_curve"] = wb["worst_case"]
+            for b, w in zip(scored["curve"][-len(eps_bb):], wb["worst_case"], strict=True):
+                checks.append(check_blackbox_vs_whitebox(b["accuracy"], w["accuracy"], b["eps"]).to_dict())
+    scored["sanity"] = checks
+    return scored
+
+
+def _examples(ensemble: Ensemble, split: Split, name: str, attack: Attack, eps: float,
+              gen: torch.Generator, k: int = 8) -> dict[str, Any]:
+    """A few clean/adversarial images and a decision-region grid for the report."""
+    from phalanx.types import Norm, ThreatModel
+
+    device = model_device(ensemble)
+    x, y = split.x[:k].to(device), split.y[:k].to(device)
+    if len(x) == 0:
+        return {}
+    adv = attack(ensemble, x, y, ThreatModel(Norm.LINF, eps), generator=gen)
+    with torch.no_grad():
+        cp, ap = ensemble(x).argmax(-1), ensemble(adv).argmax(-1)
+    models: dict[str, Any] = {"ensemble": ensemble}
+    models.update({f"member {i}": m for i, m in enumerate(ensemble.members)})
+    regions = decision_regions(models, x[:1], y[:1], ensemble, eps=max(eps, 1e-3), resolution=41, generator=gen)
+    return {"attack": name, "eps": eps, "clean": x.cpu(), "adversarial": adv.cpu(), "labels": y.cpu(),
+            "clean_pred": cp.cpu(), "adv_pred": ap.cpu(), "decision_regions": regions}
+
+
+__all__ = ["EvaluationSpec", "Protocol", "run_evaluation"]

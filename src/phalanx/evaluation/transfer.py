@@ -1,0 +1,176 @@
+"""Black-box transfer protocol (DVERGE sec. 4.3 and eval_bbox.py, REFERENCE-FACTS).
+
+1. Held-out *surrogate* ensembles (baselines of 3, 5 and 8 members) are trained or loaded.
+2. :func:`generate_transfer_sets` attacks every surrogate with {ce, cw} x (momentum PGD x
+   restarts + M-DI2-FGSM + SGM) at every eps and saves the adversarial sets to disk, so that many
+   defenses are scored on the very same examples (DVERGE never released this script).
+3. :func:`score_transfer_sets` scores a defense all-or-nothing: an example counts as robust at
+   an eps only if it is classified correctly on *every* set (denominator: all examples; the rate
+   among clean-correct examples is reported too).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from phalanx.attacks import Attack, create_attack
+from phalanx.data import DatasetSplits, Split, iterate_batches
+from phalanx.ensembles import Ensemble
+from phalanx.errors import PhalanxError
+from phalanx.evaluation.clean import model_device
+from phalanx.types import Norm, ThreatModel, check_eps
+
+log = logging.getLogger(__name__)
+
+TRANSFER_FORMAT = "phalanx-transfer-sets"
+TRANSFER_VERSION = 1
+
+
+def transfer_attacks(*, steps: int = 100, restarts: int = 3, losses: Sequence[str] = ("ce", "cw"),
+                     kinds: Sequence[str] = ("mpgd", "mdi2fgsm", "sgm")) -> dict[str, Attack]:
+    """DVERGE's transfer attacks: per loss, momentum PGD once per random start (named
+    ``mpgd-ce-r0`` ...), M-DI2-FGSM (p = 0.5) and SGM (gamma = 0.2), all ``steps`` steps."""
+    out: dict[str, Attack] = {}
+    for loss in losses:
+        for kind in kinds:
+            if kind == "mpgd":
+                for r in range(restarts):
+                    out[f"mpgd-{loss}-r{r}"] = create_attack("mpgd", steps=steps, loss=loss)
+            else:
+                out[f"{kind}-{loss}"] = create_attack(kind, steps=steps, loss=loss)
+    return out
+
+
+def train_surrogates(data: DatasetSplits, sizes: Sequence[int] = (3, 5, 8), *, model: str = "small-cnn",
+                     epochs: int = 10, lr: float = 0.05, batch_size: int = 64, seed: int = 1000,
+                     device: str = "cpu", progress: bool = False) -> dict[str, Ensemble]:
+    """Baseline ensembles of each size, seeded apart from the defenses (``seed + size``)."""
+    from phalanx.cli.config import ModelConfig
+    from phalanx.experiment import build_ensemble
+    from phalanx.training import TrainConfig, create_method, fit
+
+    out: dict[str, Ensemble] = {}
+    for size in sizes:
+        if isinstance(size, bool) or not isinstance(size, int) or size < 1:
+            raise PhalanxError(f"surrogate sizes must be integers >= 1, got {size!r}")
+        ens = build_ensemble(ModelConfig(name=model, members=size), data, seed=seed + size)
+        fit(ens, create_method("baseline"), data,
+            TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, seed=seed + size, device=device),
+            progress=progress)
+        out[f"baseline-{size}"] = ens.eval()
+    return out
+
+
+def generate_transfer_sets(sources: Mapping[str, nn.Module], split: Split, eps_list: Sequence[float],
+                           out_dir: str | Path, *, attacks: Mapping[str, Attack] | None = None,
+                           batch_size: int = 500, generator: torch.Generator | None = None,
+                           progress: bool = False) -> Path:
+    """Attack each source with each attack at each eps and save ``sets.pt`` (clean ``x``, ``y``
+    and ``adv[eps][source/attack]``, loadable with ``weights_only=True``) plus ``manifest.json``.
+    Returns the folder."""
+    if not sources:
+        raise PhalanxError("generate_transfer_sets needs at least one surrogate")
+    atks = dict(attacks) if attacks is not None else transfer_attacks()
+    eps_checked = [check_eps(e) for e in eps_list]
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    adv: dict[str, dict[str, Tensor]] = {}
+    jobs = [(e, s, a) for e in eps_checked for s in sources for a in atks]
+    it: Any = jobs
+    if progress:
+        from tqdm.auto import tqdm
+
+        it = tqdm(jobs, desc="transfer sets")
+    for eps, sname, aname in it:
+        src = sources[sname]
+        device = model_device(src)
+        parts = []
+        for x, y in iterate_batches(split, batch_size):
+            parts.append(atks[aname](src, x.to(device), y.to(device), ThreatModel(Norm.LINF, eps),
+                                     generator=generator).cpu())
+        adv.setdefault(f"{eps:g}", {})[f"{sname}/{aname}"] = torch.cat(parts)
+    payload = {"format": TRANSFER_FORMAT, "version": TRANSFER_VERSION, "x": split.x.cpu(), "y": split.y.cpu(),
+               "adv": adv}
+    tmp = out / ".sets.pt.tmp"
+    torch.save(payload, tmp)
+    tmp.replace(out / "sets.pt")
+    from phalanx.evaluation.whitebox import describe_attack
+    from phalanx.runs import write_json
+
+    write_json(out / "manifest.json", {"format": TRANSFER_FORMAT, "version": TRANSFER_VERSION, "n": len(split),
+                                       "eps": eps_checked, "sources": list(sources),
+                                       "attacks": {k: describe_attack(a) for k, a in atks.items()}})
+    return out
+
+
+def load_transfer_sets(path: str | Path) -> dict[str, Any]:
+    """Load a folder (or ``sets.pt``) written by :func:`generate_transfer_sets`."""
+    p = Path(path)
+    f = p / "sets.pt" if p.is_dir() else p
+    if not f.is_file():
+        raise PhalanxError(f"no transfer sets at {f}; create them with `phalanx attack --transfer-sets`")
+    try:
+        data = torch.load(f, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise PhalanxError(f"cannot read transfer sets {f}: {exc}") from None
+    if not isinstance(data, dict) or data.get("format") != TRANSFER_FORMAT:
+        raise PhalanxError(f"{f} is not a phalanx transfer-set file")
+    return data
+
+
+def score_transfer_sets(model: nn.Module, sets: Mapping[str, Any] | str | Path, *,
+                        batch_size: int = 500) -> dict[str, Any]:
+    """All-or-nothing black-box accuracy per eps and per source (DVERGE eval_bbox)."""
+    data = load_transfer_sets(sets) if isinstance(sets, (str, Path)) else sets
+    device = model_device(model)
+    y = data["y"]
+    if tuple(getattr(model, "in_shape", ()) or data["x"].shape[1:]) != tuple(data["x"].shape[1:]):
+        raise PhalanxError(f"the model expects inputs {tuple(getattr(model, 'in_shape', ()))}, "
+                           f"the transfer sets hold {tuple(data['x'].shape[1:])}")
+
+    @torch.no_grad()
+    def correct(x: Tensor) -> Tensor:
+        out = [(model(xb.to(device)).argmax(-1).cpu() == yb) for xb, yb in iterate_batches(Split(x, y), batch_size)]
+        return torch.cat(out)
+
+    clean = correct(data["x"])
+    n, n_clean = len(y), int(clean.sum())
+    rows: list[dict[str, Any]] = []
+    for eps, by_set in data["adv"].items():
+        every = clean.clone()
+        per_source: dict[str, Tensor] = {}
+        per_set = {}
+        for name, adv in by_set.items():
+            ok = correct(adv)
+            per_set[name] = float(ok.float().mean())
+            src = name.split("/")[0]
+            per_source[src] = per_source.get(src, torch.ones_like(ok)) & ok
+            every &= ok
+        rows.append({"eps": float(eps), "accuracy": float(every.float().mean()), "n": n,
+                     "accuracy_among_clean_correct": float(every.sum()) / max(n_clean, 1),
+                     "per_source": {k: float(v.float().mean()) for k, v in per_source.items()},
+                     "per_set": per_set})
+    rows.sort(key=lambda r: float(r["eps"]))
+    return {"protocol": "blackbox", "n": n, "clean_accuracy": float(clean.float().mean()),
+            "curve": [{"eps": r["eps"], "accuracy": r["accuracy"], "n": n} for r in rows], "per_eps": rows}
+
+
+def save_manifest_note(out_dir: str | Path, note: Mapping[str, Any]) -> None:
+    """Add ``note`` (e.g. the surrogates' checkpoint paths) to an existing manifest."""
+    path = Path(out_dir) / "manifest.json"
+    manifest = json.loads(path.read_text())
+    manifest.update(note)
+    from phalanx.runs import write_json
+
+    write_json(path, manifest)
+
+
+__all__ = ["generate_transfer_sets", "load_transfer_sets", "save_manifest_note", "score_transfer_sets",
+           "train_surrogates", "transfer_attacks"]

@@ -1,0 +1,195 @@
+"""Verifiers: the common interface, bound propagation as an incomplete prover, and the MILP backend.
+
+Every backend answers SAT only with a witness that :func:`~phalanx.verification.query.recheck`
+confirmed in a float64 PyTorch forward pass (an unconfirmed SAT is ERROR), and UNSAT only from
+a proof: bounds, an infeasible MILP, or a complete solver's UNSAT (``DESIGN.md``).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+
+import numpy as np
+
+from phalanx.errors import PhalanxError
+from phalanx.verification.bounds import NetworkBounds, interval_bounds, linear_bounds
+from phalanx.verification.ir import stack_outputs
+from phalanx.verification.milp import MilpModel, encode_network
+from phalanx.verification.query import MARGIN, Query, VerificationResult, Verdict, recheck
+
+log = logging.getLogger(__name__)
+
+
+class Verifier(ABC):
+    """``verify(query, time_limit_s=...)`` -> :class:`VerificationResult`."""
+
+    name: str = "verifier"
+    complete: bool = True
+
+    @abstractmethod
+    def verify(self, query: Query, *, time_limit_s: float) -> VerificationResult: ...
+
+    def _result(self, verdict: Verdict, t0: float, **kw: object) -> VerificationResult:
+        return VerificationResult(verdict, self.name, time.perf_counter() - t0, **kw)  # type: ignore[arg-type]
+
+    def _sat_or_error(self, query: Query, x: np.ndarray | None, t0: float, *, unconfirmed: Verdict = Verdict.ERROR,
+                      **details: object) -> VerificationResult:
+        """Re-check a SAT candidate; SAT if it confirms, ``unconfirmed`` (ERROR by default) if not."""
+        w, msg, det = recheck(query, x)
+        det.update(details)
+        if w is not None:
+            return self._result(Verdict.SAT, t0, counterexample=w, message=msg, details=det)
+        return self._result(unconfirmed, t0, message=f"unconfirmed SAT: {msg}", details=det)
+
+
+@dataclass(frozen=True, eq=False)
+class QueryBounds:
+    """Sound bounds for a query: per-network pre-activation bounds and, per group, the upper
+    bound of each disjunct ``c . Y`` (from bounds with the disjuncts folded into the last layer)."""
+
+    nets: tuple[NetworkBounds, ...]
+    disjunct_upper: tuple[np.ndarray, ...]
+    disjunct_lower: tuple[np.ndarray, ...]
+
+    def possible_groups(self) -> int:
+        return int(sum(bool(np.any(u >= 0.0)) for u in self.disjunct_upper))
+
+    def proves_unsat(self, query: Query) -> bool:
+        """True when fewer than ``quorum`` groups can hold anywhere in the box (sound: the
+        bounds over-approximate every reachable logit vector)."""
+        return query.complete and self.possible_groups() < query.required
+
+
+def query_bounds(query: Query, method: str = "linear") -> QueryBounds:
+    """Bounds of every network on the query's box and of every disjunct (``linear`` or ``interval``)."""
+    fn = {"linear": linear_bounds, "interval": interval_bounds}.get(method)
+    if fn is None:
+        raise PhalanxError(f"unknown bound method {method!r}; accepted: linear, interval")
+    lo, hi = query.box()
+    groups = query.groups()
+    _, slices = stack_outputs(query.nets)
+    allc = np.concatenate([np.stack(g) for g in groups])  # (D, total)
+    up, low = np.zeros(allc.shape[0]), np.zeros(allc.shape[0])
+    per_net = []
+    for net, s in zip(query.nets, slices, strict=True):
+        per_net.append(fn(net, lo, hi))
+        spec = allc[:, s]
+        rows = np.nonzero(np.any(spec != 0.0, axis=1))[0]
+        if rows.size:
+            sb = fn(net, lo, hi, spec=spec[rows])
+            up[rows] += sb.output[1]
+            low[rows] += sb.output[0]
+    ups, lows, k = [], [], 0
+    for g in groups:
+        ups.append(up[k:k + len(g)])
+        lows.append(low[k:k + len(g)])
+        k += len(g)
+    return QueryBounds(tuple(per_net), tuple(ups), tuple(lows))
+
+
+class BoundsVerifier(Verifier):
+    """Incomplete: UNSAT when linear bounds prove it, otherwise TIMEOUT (undecided)."""
+
+    name = "bounds"
+    complete = False
+
+    def __init__(self, method: str = "linear") -> None:
+        self.method = method
+
+    def verify(self, query: Query, *, time_limit_s: float = 0.0) -> VerificationResult:
+        t0 = time.perf_counter()
+        qb = query_bounds(query, self.method)
+        if qb.proves_unsat(query):
+            return self._result(Verdict.UNSAT, t0, message=f"{self.method} bounds: at most "
+                                f"{qb.possible_groups()} of {query.required} required groups can hold")
+        return self._result(Verdict.TIMEOUT, t0, message="bounds inconclusive (incomplete method)")
+
+
+def build_milp(query: Query, qb: QueryBounds, *, objective_target: float | None = MARGIN) -> tuple[MilpModel, np.ndarray, int]:
+    """The query as a MILP: maximise ``t`` subject to ``t <= c . Y`` for the chosen disjunct of
+    every active group, at least ``quorum`` groups active, ``t >= 0``. Feasible iff some input in
+    the box satisfies the property with non-strict inequalities (a superset of the true errors),
+    so infeasibility proves UNSAT; the optimum ``t*`` is the best worst-case margin."""
+    m = MilpModel()
+    lo, hi = query.box()
+    x = m.add_vars(lo, hi)
+    outs = [encode_network(m, net, x, nb) for net, nb in zip(query.nets, qb.nets, strict=True)]
+    y = np.concatenate(outs)
+    groups = query.groups()
+    t_hi = max(0.0, max(float(u.max()) for u in qb.disjunct_upper))
+    t = m.add_var(0.0, t_hi)
+    all_required = query.required == len(groups)
+    actives = []
+    for g, up, low in zip(groups, qb.disjunct_upper, qb.disjunct_lower, strict=True):
+        keep = [i for i in range(len(g)) if up[i] >= 0.0]  # a disjunct that cannot reach 0 never holds
+        if not keep:
+            if all_required:
+                m.add_row([t], [1.0], -np.inf, -1.0)  # infeasible: this group can never hold
+            continue
+        active = None if all_required else m.add_var(0.0, 1.0, integer=True)
+        if active is not None:
+            actives.append(active)
+        if len(keep) == 1 and active is None:
+            c = g[keep[0]]
+            nz = np.nonzero(c)[0]
+            m.add_row(np.concatenate([[t], y[nz]]), np.concatenate([[1.0], -c[nz]]), -np.inf, 0.0)
+            continue
+        zs = []
+        for i in keep:
+            c = g[i]
+            nz = np.nonzero(c)[0]
+            z = m.add_var(0.0, 1.0, integer=True)
+            zs.append(z)
+            big = t_hi - min(float(low[i]), 0.0)  # t - c.Y <= t_hi - lb(c.Y) always
+            # t - c.Y + big * z <= big   <=>   t <= c.Y + big (1 - z)
+            m.add_row(np.concatenate([[t], y[nz], [z]]), np.concatenate([[1.0], -c[nz], [big]]), -np.inf, big)
+        if active is None:
+            m.add_row(zs, [1.0] * len(zs), 1.0, 1.0)
+        else:
+            m.add_row([*zs, active], [1.0] * len(zs) + [-1.0], 0.0, 0.0)
+    if actives:
+        m.add_row(actives, [1.0] * len(actives), float(query.required), np.inf)
+    elif not all_required:
+        m.add_row([t], [1.0], -np.inf, -1.0)
+    m.set_objective([t], [1.0], "max")
+    m.objective_target = objective_target
+    return m, x, t
+
+
+class MilpVerifier(Verifier):
+    """Exact big-M MILP solved by HiGHS with gap 0; UNSAT only from proven infeasibility."""
+
+    name = "milp"
+
+    def __init__(self, bounds: str = "linear", threads: int = 1) -> None:
+        self.bounds, self.threads = bounds, threads
+
+    def verify(self, query: Query, *, time_limit_s: float) -> VerificationResult:
+        t0 = time.perf_counter()
+        qb = query_bounds(query, self.bounds)
+        if qb.proves_unsat(query):
+            return self._result(Verdict.UNSAT, t0, message="bounds prove UNSAT (no solver call)")
+        model, x, t = build_milp(query, qb)
+        left = time_limit_s - (time.perf_counter() - t0)
+        if left <= 0:
+            return self._result(Verdict.TIMEOUT, t0, message="time limit reached while building the MILP")
+        out = model.solve(left, threads=self.threads)
+        det = {"binaries": model.num_binaries, "nodes": out.nodes, "status": out.status,
+               "objective": out.objective, "dual_bound": out.dual_bound}
+        if out.status == "infeasible":
+            if not query.complete:
+                return self._result(Verdict.TIMEOUT, t0, message="runner-up query infeasible: proves nothing",
+                                    details=det)
+            return self._result(Verdict.UNSAT, t0, message="MILP infeasible", details=det)
+        if out.status == "error":
+            return self._result(Verdict.ERROR, t0, message=f"HiGHS: {out.message}", details=det)
+        if out.values is not None and (out.objective or 0.0) > 0.0:
+            unconfirmed = Verdict.TIMEOUT if out.status == "timeout" else Verdict.ERROR
+            return self._sat_or_error(query, out.values[x], t0, unconfirmed=unconfirmed, **det)
+        if out.status == "timeout":
+            return self._result(Verdict.TIMEOUT, t0, message="HiGHS time limit", details=det)
+        # optimal with t* = 0: only exact ties reach the property; undecided at float precision
+        return self._result(Verdict.ERROR, t0, message="optimum is an exact tie (t* = 0): undecided", details=det)

@@ -1,0 +1,100 @@
+"""Export a query as ONNX networks plus a VNN-LIB property (VNN-COMP conventions), so it can be
+handed to external verifiers (Marabou, alpha-beta-CROWN, nnenum, ...).
+
+The composite network (Amir et al. appendices A/B) takes one input ``X`` of the members' input
+shape and outputs the concatenated logits ``Y`` (mutual-error / majority queries) or their mean
+(mean-logits ensemble). The VNN-LIB file declares ``X_i`` and ``Y_j``, the input box, and the
+*violation* as ``assert`` clauses in disjunctive normal form, so ``sat`` means a counterexample.
+Members are also exported one by one. Strict ``>`` is not part of VNN-LIB; like VNN-COMP's
+robustness properties we write ``(>= Y_r Y_l)`` (ties count as violations, a superset).
+"""
+
+from __future__ import annotations
+
+import copy
+import itertools
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from phalanx.errors import PhalanxError
+from phalanx.verification.query import Query, QueryKind
+
+
+class Composite(nn.Module):
+    """The members side by side on one input: concatenated logits or their mean."""
+
+    def __init__(self, members: list[nn.Module], mean: bool) -> None:
+        super().__init__()
+        self.members = nn.ModuleList(members)
+        self.mean = mean
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        outs = [m(x) for m in self.members]
+        if self.mean:
+            return torch.stack(outs).mean(0)
+        return torch.cat(outs, dim=-1)
+
+
+def _onnx(model: nn.Module, in_shape: tuple[int, ...], path: Path) -> Path:
+    model = model.eval()
+    dummy = torch.zeros(1, *in_shape)
+    torch.onnx.export(model, (dummy,), str(path), input_names=["X"], output_names=["Y"], dynamo=False,
+                      opset_version=13)
+    return path
+
+
+def vnnlib_text(query: Query) -> str:
+    """The query's violation property in VNN-LIB 1.0 syntax."""
+    lo, hi = query.box()
+    k = query.num_classes
+    lab = query.label
+    n_out = k if query.kind is QueryKind.MEAN_LOGITS else k * len(query.nets)
+    lines = [f"; phalanx {query.kind.value} query: eps={query.eps:g} label={lab} members={len(query.nets)} "
+             f"quorum={query.required}", "; sat = a counterexample exists"]
+    lines += [f"(declare-const X_{i} Real)" for i in range(lo.size)]
+    lines += [f"(declare-const Y_{j} Real)" for j in range(n_out)]
+    for i, (a, b) in enumerate(zip(lo, hi, strict=True)):
+        lines.append(f"(assert (>= X_{i} {a!r}))")
+        lines.append(f"(assert (<= X_{i} {b!r}))")
+    if query.kind is QueryKind.MEAN_LOGITS:
+        groups = [[(r, lab) for r in range(k) if r != lab]]
+    else:
+        groups = []
+        for m in range(len(query.nets)):
+            labels = [query.runner_up[m]] if query.runner_up is not None else [r for r in range(k) if r != lab]
+            groups.append([(m * k + r, m * k + lab) for r in labels])
+    if query.required == len(groups):
+        for g in groups:  # one assert per group: a conjunction of disjunctions
+            lines.append("(assert (or " + " ".join(f"(and (>= Y_{r} Y_{t}))" for r, t in g) + "))")
+    else:  # at least `required` groups: expand into one disjunction of conjunctions
+        terms = []
+        for subset in itertools.combinations(range(len(groups)), query.required):
+            for choice in itertools.product(*[groups[i] for i in subset]):
+                terms.append("(and " + " ".join(f"(>= Y_{r} Y_{t})" for r, t in choice) + ")")
+        if len(terms) > 100_000:
+            raise PhalanxError(f"the majority property expands into {len(terms)} disjuncts; too large for VNN-LIB")
+        lines.append("(assert (or " + " ".join(terms) + "))")
+    return "\n".join(lines) + "\n"
+
+
+def export_query(query: Query, out_dir: str | Path, *, name: str = "query") -> dict[str, Any]:
+    """Write ``<name>.onnx`` (composite), ``<name>.member<i>.onnx``, ``<name>.vnnlib`` and a JSON
+    description into ``out_dir``; returns the paths."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    shape = query.nets[0].in_shape
+    members = [copy.deepcopy(m).float().eval() for m in query.models]
+    comp = Composite(members, mean=query.kind is QueryKind.MEAN_LOGITS)
+    paths: dict[str, Any] = {"network": str(_onnx(comp, shape, out / f"{name}.onnx"))}
+    paths["members"] = [str(_onnx(m, shape, out / f"{name}.member{i}.onnx")) for i, m in enumerate(members)]
+    (out / f"{name}.vnnlib").write_text(vnnlib_text(query))
+    paths["property"] = str(out / f"{name}.vnnlib")
+    meta = {**query.describe(), "x0": np.asarray(query.x0).tolist(), "in_shape": list(shape), **paths}
+    (out / f"{name}.json").write_text(json.dumps(meta, indent=1))
+    paths["description"] = str(out / f"{name}.json")
+    return paths

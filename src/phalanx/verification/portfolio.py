@@ -1,0 +1,115 @@
+"""The joint-attack verifier (SAT only) and the portfolio: attack, bounds, complete backend.
+
+The portfolio is never less sound than its parts: the attack can only answer SAT with a witness
+that re-checks in float64 PyTorch, the bounds only UNSAT from a sound over-approximation, and
+whatever is left goes to a complete backend (MILP by default) with the remaining time.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator, Sequence
+
+import numpy as np
+import torch
+
+from phalanx.verification.backends import BoundsVerifier, Verifier
+from phalanx.verification.query import Query, QueryKind, VerificationResult, Verdict, recheck
+
+
+def default_attacks(query: Query) -> tuple[str, ...]:
+    """G.A. 3 (Amir et al. app. D, untargeted I-FGSM on the ELU regulator) when every member must
+    err, PGD on the mean-logits ensemble for composite properties, both for a majority vote."""
+    if query.kind is QueryKind.MEAN_LOGITS:
+        return ("pgd",)
+    if query.kind is QueryKind.MAJORITY or query.required < len(query.nets):
+        return ("ga3", "pgd")
+    return ("ga3",)
+
+
+def _attack_candidates(query: Query, attacks: Sequence[str], steps: int, restarts: int,
+                       seed: int) -> Iterator[tuple[str, np.ndarray]]:
+    """Adversarial candidates (lazily, one attack at a time) from the joint gradient attacks of
+    ``phalanx.attacks``: G.A. 1-3 for member properties, PGD for composites."""
+    from phalanx.attacks import create_attack
+    from phalanx.ensembles import Ensemble
+    from phalanx.types import ThreatModel
+
+    ens = Ensemble(list(query.models), "mean-logits").eval()
+    shape = query.nets[0].in_shape
+    x = torch.as_tensor(query.x0.reshape(1, *shape), dtype=torch.float32)
+    y = torch.tensor([query.label])
+    threat = ThreatModel("linf", float(query.eps), query.input_bounds)
+    gen = torch.Generator().manual_seed(seed)
+    for name in attacks:
+        if name in ("ga1", "ga2", "ga3") and query.kind is QueryKind.MEAN_LOGITS:
+            continue  # the joint attacks aim at every member erring, not at the mean
+        opts: dict[str, object] = {}
+        if name in ("ga2", "ga3", "pgd"):
+            opts["steps"] = steps
+        if name == "pgd":
+            opts["restarts"] = restarts
+            opts["loss"] = "cw"
+        atk = create_attack(name, **opts)
+        with torch.enable_grad():
+            adv = atk(ens, x, y, threat, generator=gen)
+        yield name, adv.detach().to(torch.float64).reshape(-1).numpy()
+
+
+class AttackVerifier(Verifier):
+    """Incomplete: SAT when a joint gradient attack finds a witness that re-checks, else TIMEOUT."""
+
+    name = "attack"
+    complete = False
+
+    def __init__(self, attacks: Sequence[str] | None = None, steps: int = 20, restarts: int = 1,
+                 seed: int = 0) -> None:
+        self.attacks = tuple(attacks) if attacks is not None else None
+        self.steps, self.restarts, self.seed = steps, restarts, seed
+
+    def verify(self, query: Query, *, time_limit_s: float = 0.0) -> VerificationResult:
+        t0 = time.perf_counter()
+        names = self.attacks if self.attacks is not None else default_attacks(query)
+        for name, cand in _attack_candidates(query, names, self.steps, self.restarts, self.seed):
+            w, msg, det = recheck(query, cand)
+            if w is not None:
+                det["attack"] = name
+                return self._result(Verdict.SAT, t0, counterexample=w, message=f"{name}: {msg}", details=det)
+        return self._result(Verdict.TIMEOUT, t0, message="attack found no witness (incomplete method)")
+
+
+class Portfolio(Verifier):
+    """Cheap SAT by a joint attack, cheap UNSAT by linear bounds, then a complete backend."""
+
+    name = "portfolio"
+
+    def __init__(self, complete: str = "milp", attacks: Sequence[str] | None = None, steps: int = 20,
+                 bounds: str = "linear", **complete_options: object) -> None:
+        from phalanx.verification import create_verifier
+
+        self.attack = AttackVerifier(attacks, steps=steps)
+        self.bounds = BoundsVerifier(bounds)
+        self.backend = create_verifier(complete, **complete_options)
+        self.name = f"portfolio({complete})"
+
+    def verify(self, query: Query, *, time_limit_s: float) -> VerificationResult:
+        t0 = time.perf_counter()
+        stages: dict[str, float] = {}
+        for stage in (self.attack, self.bounds):
+            r = stage.verify(query, time_limit_s=time_limit_s)
+            stages[stage.name] = round(r.wall_time_s, 6)
+            if r.verdict.decided:
+                return self._finish(r, t0, stage.name, stages)
+        left = time_limit_s - (time.perf_counter() - t0)
+        if left <= 0:
+            return self._result(Verdict.TIMEOUT, t0, message="time limit spent in attack and bounds",
+                                details={"stages": stages})
+        r = self.backend.verify(query, time_limit_s=left)
+        stages[self.backend.name] = round(r.wall_time_s, 6)
+        return self._finish(r, t0, self.backend.name, stages)
+
+    def _finish(self, r: VerificationResult, t0: float, stage: str, stages: dict[str, float]) -> VerificationResult:
+        details = dict(r.details)
+        details.update({"stage": stage, "stages": stages})
+        return VerificationResult(r.verdict, f"portfolio/{stage}", time.perf_counter() - t0, r.counterexample,
+                                  r.message, details)

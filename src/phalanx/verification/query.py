@@ -1,0 +1,261 @@
+"""Verification queries on one or more members around a point, their verdicts and witnesses.
+
+A query asks: is there an ``x`` in the L-inf ball of radius ``eps`` around ``x0`` (intersected
+with the input box) on which the chosen output property holds?
+
+- ``mutual-error`` (Amir et al. Def. 2, appendix B; k-subset generalisation): at least
+  ``quorum`` of the chosen members (default: all) do not predict ``label``. The exact form has one
+  disjunction ``OR_{r != l} y_r >= y_l`` per member; ``runner_up`` keeps only one disjunct per
+  member (the paper's simplification: it can only report SAT, never UNSAT).
+- ``mean-logits`` (appendix A): the argmax of the mean of the members' logits is not ``label``.
+- ``majority`` (appendix A for the vote combiner): at least ``ceil(k/2)`` members do not predict
+  ``label``, i.e. ``label`` can lose its strict majority of votes.
+
+Every query's property is a list of *groups*, each a disjunction of linear functions
+``c . Y >= 0`` of the concatenated logits ``Y``; the property holds when at least ``quorum``
+groups hold. All backends read this one form.
+"""
+
+from __future__ import annotations
+
+import copy
+import enum
+import hashlib
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from phalanx.errors import PhalanxError
+from phalanx.types import check_eps
+from phalanx.verification.ir import NetworkIR, stack_outputs, to_ir
+
+#: Marabou has no strict inequalities: "label l is not the argmax" is ``y_r - y_l >= MARGIN``
+#: (REFERENCE-FACTS, Marabou 2.0; ``DESIGN.md``)
+MARGIN = 1e-3
+
+
+class Verdict(str, enum.Enum):
+    SAT = "sat"
+    UNSAT = "unsat"
+    TIMEOUT = "timeout"
+    ERROR = "error"
+
+    @property
+    def decided(self) -> bool:
+        return self in (Verdict.SAT, Verdict.UNSAT)
+
+
+class QueryKind(str, enum.Enum):
+    MUTUAL_ERROR = "mutual-error"
+    MEAN_LOGITS = "mean-logits"
+    MAJORITY = "majority"
+
+    @classmethod
+    def parse(cls, value: str | QueryKind) -> QueryKind:
+        if isinstance(value, QueryKind):
+            return value
+        for k in cls:
+            if k.value == str(value).lower().replace("_", "-"):
+                return k
+        raise PhalanxError(f"unknown query kind {value!r}; accepted: {', '.join(k.value for k in cls)}")
+
+
+@dataclass
+class VerificationResult:
+    """A verdict, the time and backend that decided it, and a re-checked witness for SAT."""
+
+    verdict: Verdict
+    backend: str
+    wall_time_s: float
+    counterexample: np.ndarray | None = None
+    message: str = ""
+    details: dict[str, Any] = field(default_factory=dict)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"verdict": self.verdict.value, "backend": self.backend, "wall_time_s": round(self.wall_time_s, 6),
+                "message": self.message, "details": self.details,
+                "counterexample": None if self.counterexample is None else self.counterexample.tolist()}
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> VerificationResult:
+        cx = d.get("counterexample")
+        return cls(Verdict(d["verdict"]), d["backend"], float(d["wall_time_s"]),
+                   None if cx is None else np.asarray(cx, dtype=np.float64), d.get("message", ""),
+                   dict(d.get("details", {})))
+
+
+@dataclass(frozen=True, eq=False)
+class Query:
+    """A query on ``models`` (PyTorch members, used to re-check witnesses) and their IR ``nets``."""
+
+    models: tuple[nn.Module, ...]
+    nets: tuple[NetworkIR, ...]
+    x0: np.ndarray
+    eps: float
+    label: int
+    kind: QueryKind = QueryKind.MUTUAL_ERROR
+    quorum: int | None = None
+    runner_up: tuple[int, ...] | None = None
+    input_bounds: tuple[float, float] = (0.0, 1.0)
+    qid: str = ""
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "kind", QueryKind.parse(self.kind))
+        object.__setattr__(self, "x0", np.asarray(self.x0, dtype=np.float64).reshape(-1))
+        check_eps(self.eps, self.input_bounds[1] - self.input_bounds[0])
+        if not self.nets or len(self.nets) != len(self.models):
+            raise PhalanxError("a query needs one IR per model and at least one model")
+        if len({n.out_dim for n in self.nets}) != 1 or len({n.in_dim for n in self.nets}) != 1:
+            raise PhalanxError("queried members must share input and output sizes")
+        if self.x0.size != self.nets[0].in_dim:
+            raise PhalanxError(f"x0 has {self.x0.size} entries, the members expect {self.nets[0].in_dim}")
+        if not 0 <= self.label < self.num_classes:
+            raise PhalanxError(f"label {self.label} out of range; accepted: 0..{self.num_classes - 1}")
+        if self.runner_up is not None:
+            if self.kind is not QueryKind.MUTUAL_ERROR or len(self.runner_up) != len(self.nets):
+                raise PhalanxError("runner_up needs one label per member of a mutual-error query")
+            if any(r == self.label or not 0 <= r < self.num_classes for r in self.runner_up):
+                raise PhalanxError(f"runner-up labels {self.runner_up} must be valid and differ from {self.label}")
+        q = self.required
+        if not 1 <= q <= self.num_groups:
+            raise PhalanxError(f"quorum {self.quorum} out of range; accepted: 1..{self.num_groups}")
+
+    @property
+    def num_classes(self) -> int:
+        return self.nets[0].out_dim
+
+    @property
+    def num_groups(self) -> int:
+        return 1 if self.kind is QueryKind.MEAN_LOGITS else len(self.nets)
+
+    @property
+    def required(self) -> int:
+        """How many groups must hold (the quorum)."""
+        if self.kind is QueryKind.MEAN_LOGITS:
+            return 1
+        if self.kind is QueryKind.MAJORITY:
+            return math.ceil(len(self.nets) / 2)
+        return len(self.nets) if self.quorum is None else int(self.quorum)
+
+    @property
+    def complete(self) -> bool:
+        """False for the runner-up simplification, whose UNSAT proves nothing."""
+        return self.runner_up is None
+
+    def box(self) -> tuple[np.ndarray, np.ndarray]:
+        lo, hi = self.input_bounds
+        return np.clip(self.x0 - self.eps, lo, hi), np.clip(self.x0 + self.eps, lo, hi)
+
+    def groups(self) -> list[list[np.ndarray]]:
+        """Each group is a list of coefficient vectors ``c`` over the concatenated logits; a
+        group holds when ``c . Y >= 0`` for some ``c`` in it (``>= margin`` in Marabou)."""
+        total, slices = stack_outputs(self.nets)
+        k, lab = self.num_classes, self.label
+        out: list[list[np.ndarray]] = []
+        if self.kind is QueryKind.MEAN_LOGITS:
+            group = []
+            for r in range(k):
+                if r == lab:
+                    continue
+                c = np.zeros(total)
+                for s in slices:
+                    c[s.start + r] += 1.0 / len(slices)
+                    c[s.start + lab] -= 1.0 / len(slices)
+                group.append(c)
+            return [group]
+        for i, s in enumerate(slices):
+            labels = [self.runner_up[i]] if self.runner_up is not None else [r for r in range(k) if r != lab]
+            group = []
+            for r in labels:
+                c = np.zeros(total)
+                c[s.start + r], c[s.start + lab] = 1.0, -1.0
+                group.append(c)
+            out.append(group)
+        return out
+
+    def describe(self) -> dict[str, Any]:
+        return {"kind": self.kind.value, "members": len(self.nets), "eps": self.eps, "label": self.label,
+                "quorum": self.required, "runner_up": list(self.runner_up) if self.runner_up else None,
+                "qid": self.qid}
+
+
+def member_labels(models: Sequence[nn.Module], x: np.ndarray, in_shape: tuple[int, ...]) -> np.ndarray:
+    """(M, K) float64 logits of each model at one flat input (float64 PyTorch forward pass)."""
+    xt = torch.as_tensor(np.asarray(x, dtype=np.float64).reshape(1, *in_shape))
+    outs = []
+    with torch.no_grad():
+        for m in models:
+            d = copy.deepcopy(m).double().eval()
+            outs.append(d(xt)[0].numpy())
+    return np.stack(outs)
+
+
+def property_holds(query: Query, logits: np.ndarray) -> tuple[bool, list[int]]:
+    """Evaluate the query's property with PyTorch's argmax semantics on (M, K) logits."""
+    preds = [int(np.argmax(z)) for z in logits]
+    if query.kind is QueryKind.MEAN_LOGITS:
+        return int(np.argmax(logits.mean(0))) != query.label, preds
+    wrong = sum(p != query.label for p in preds)
+    return wrong >= query.required, preds
+
+
+def recheck(query: Query, x: np.ndarray | None) -> tuple[np.ndarray | None, str, dict[str, Any]]:
+    """Re-check a SAT candidate: project it onto the ball and the input box, run a float64
+    PyTorch forward pass of every queried model, and confirm the property with argmax semantics.
+    Returns ``(witness or None, message, details)``."""
+    if x is None:
+        return None, "no candidate", {}
+    cand = np.asarray(x, dtype=np.float64).reshape(-1)
+    if cand.size != query.x0.size or not np.all(np.isfinite(cand)):
+        return None, "candidate has the wrong size or non-finite entries", {}
+    lo, hi = query.box()
+    drift = float(np.max(np.maximum(lo - cand, cand - hi), initial=0.0))
+    cand = np.clip(cand, lo, hi)
+    logits = member_labels(query.models, cand, query.nets[0].in_shape)
+    ok, preds = property_holds(query, logits)
+    details = {"member_labels": preds, "projection_drift": drift,
+               "linf": float(np.max(np.abs(cand - query.x0)))}
+    if query.kind is QueryKind.MEAN_LOGITS:
+        details["ensemble_label"] = int(np.argmax(logits.mean(0)))
+    if not ok:
+        return None, f"candidate does not re-check in float64 PyTorch (labels {preds})", details
+    return cand, "re-checked in float64 PyTorch", details
+
+
+def query_id(parts: Sequence[Any]) -> str:
+    """A stable id from JSON-able parts (member fingerprints, point, eps, kind, ...)."""
+    h = hashlib.sha1(repr(list(parts)).encode())
+    return h.hexdigest()[:16]
+
+
+def model_fingerprint(model: nn.Module) -> str:
+    """A stable hash of a model's parameters and buffers."""
+    h = hashlib.sha1()
+    for k, v in sorted(model.state_dict().items()):
+        h.update(k.encode())
+        h.update(v.detach().cpu().to(torch.float64).numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def point_fingerprint(x: np.ndarray) -> str:
+    return hashlib.sha1(np.asarray(x, dtype=np.float32).tobytes()).hexdigest()[:12]
+
+
+def make_query(models: Sequence[nn.Module], x0: np.ndarray | torch.Tensor, eps: float, label: int, *,
+               kind: QueryKind | str = QueryKind.MUTUAL_ERROR, quorum: int | None = None,
+               runner_up: bool = False, nets: Sequence[NetworkIR] | None = None,
+               input_bounds: tuple[float, float] = (0.0, 1.0), qid: str = "") -> Query:
+    """Build a query; ``runner_up=True`` picks each member's runner-up label at ``x0``."""
+    ms = tuple(models)
+    irs = tuple(nets) if nets is not None else tuple(to_ir(m) for m in ms)
+    x = np.asarray(x0.detach().cpu().numpy() if isinstance(x0, torch.Tensor) else x0, dtype=np.float64).reshape(-1)
+    ru: tuple[int, ...] | None = None
+    if runner_up:
+        logits = np.stack([n.forward(x) for n in irs])
+        ru = tuple(int(np.argsort(np.where(np.arange(z.size) == label, -np.inf, z))[-1]) for z in logits)
+    return Query(ms, irs, x, float(eps), int(label), QueryKind.parse(kind), quorum, ru, input_bounds, qid)

@@ -1,0 +1,220 @@
+"""Fooling patterns: for each data point, which subsets S of the classifiers one eps-bounded
+perturbation can misclassify *together* (the network part of the decomposition).
+
+A pattern query is "exists x' in the ball of x^j with every c in S wrong" — a MILP over the
+verification IR, bounds and ``encode_network`` (``randomized_encoding``). Feasible patterns are
+closed under subsets, so the enumeration (i) takes every subset of the clean point's fooled set
+for free, (ii) asks the full set C first (Lemma 2's case: if it is feasible at every point, one
+deterministic attack reaches Val = 1), then (iii) goes bottom-up by size, skipping supersets of
+proven-infeasible sets and subsets of any witness's fooled set (the witness is re-evaluated in
+float64 PyTorch and may fool more than asked).
+
+Soundness: a pattern is *feasible* only with a witness that re-checks in PyTorch with every
+classifier of S wrong; *infeasible* only from bounds or an infeasible MILP with margin 0 (ties
+count as errors, Def. 4); everything else (time limits, tie-only witnesses) is *unknown*, which
+the caller treats as feasible for upper bounds and as infeasible for attacks.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from phalanx.types import Norm
+from phalanx.verification.randomized_encoding import (
+    EncodedPoint,
+    add_misclassified,
+    add_perturbed_point,
+    can_misclassify,
+    point_bounds,
+)
+from phalanx.verification.randomized_math import Pattern, maximal_patterns
+from phalanx.verification.randomized_problem import ACCEPT_MARGIN, Classifiers, RandomizedAttackConfig, into_ball
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class QueryRecord:
+    point: int
+    subset: tuple[int, ...]
+    status: str  # feasible | infeasible | unknown
+    how: str  # clean | bounds | milp | milp-margin | implied-subset | implied-superset | deadline
+    wall_time_s: float = 0.0
+
+
+@dataclass
+class PointPatterns:
+    """What is known about one point's patterns, with a witness for every feasible one."""
+
+    point: int
+    num_classifiers: int
+    feasible: dict[Pattern, np.ndarray] = field(default_factory=dict)  # pattern -> witness x'
+    infeasible: set[Pattern] = field(default_factory=set)
+    unknown: set[Pattern] = field(default_factory=set)
+    records: list[QueryRecord] = field(default_factory=list)
+
+    @property
+    def complete(self) -> bool:
+        return not self.unknown
+
+    def lower(self) -> list[Pattern]:
+        """Maximal patterns with witnesses (for attacks); always contains a set (maybe empty)."""
+        return maximal_patterns(list(self.feasible))
+
+    def upper(self) -> list[Pattern]:
+        """Maximal patterns among feasible and unknown ones (for sound upper bounds)."""
+        return maximal_patterns([*self.feasible, *self.unknown])
+
+    def witness(self, pattern: Pattern) -> np.ndarray:
+        return self.feasible[frozenset(pattern)]
+
+    def status(self, s: Pattern) -> str | None:
+        if s in self.feasible:
+            return "feasible"
+        if s in self.infeasible:
+            return "infeasible"
+        if s in self.unknown:
+            return "unknown"
+        return None
+
+
+def fooled_set(clf: Classifiers, x_adv: np.ndarray, y: int, margin: float = ACCEPT_MARGIN) -> Pattern:
+    """The classifiers that misclassify ``x_adv`` (float64 PyTorch, Def. 4) by at least ``margin``.
+
+    The default margin rejects exact-tie witnesses: Def. 4 counts a tie as an error, but whether
+    a float64 tie survives depends on summation order (batch size), so a witness is accepted
+    only when it misclassifies robustly; ties are re-solved with the attack margin."""
+    z = clf.logits(x_adv.reshape(1, -1))[:, 0, :]
+    true = z[:, y]
+    others = np.delete(z, y, axis=1).max(axis=1)
+    return frozenset(int(c) for c in np.flatnonzero(others - true >= margin))
+
+
+class PatternSolver:
+    """Pattern queries for one problem; caches per (point, classifier) bounds."""
+
+    def __init__(self, clf: Classifiers, x: np.ndarray, y: np.ndarray, config: RandomizedAttackConfig) -> None:
+        self.clf = clf
+        self.x = np.asarray(x, dtype=np.float64).reshape(len(y), -1)
+        self.y = np.asarray(y, dtype=np.int64)
+        self.cfg = config
+        self.norm = Norm.parse(config.norm)
+        self._bounds: dict[tuple[int, int], EncodedPoint] = {}
+        self.num_milp = 0
+
+    def bounds(self, j: int, c: int) -> EncodedPoint:
+        key = (j, c)
+        if key not in self._bounds:
+            self._bounds[key] = point_bounds(self.clf.nets[c], self.x[j], int(self.y[j]),
+                                             self.cfg.eps, self.cfg.bounds)
+        return self._bounds[key]
+
+    def solve_subset(self, j: int, subset: Pattern, margin: float, time_limit_s: float) -> tuple[str, np.ndarray | None]:
+        """One MILP: ``exists x'`` in the ball with every classifier of ``subset`` wrong by ``margin``.
+        Returns ('feasible', x') | ('infeasible', None) | ('timeout' | 'error', None)."""
+        from phalanx.verification.milp import MilpModel
+
+        model = MilpModel()
+        xv = add_perturbed_point(model, self.x[j], self.cfg.eps, self.norm, self.cfg.bounds)
+        for c in sorted(subset):
+            add_misclassified(model, self.clf.nets[c], xv, self.bounds(j, c), int(self.y[j]), margin)
+        model.objective_target = None
+        self.num_milp += 1
+        out = model.solve(time_limit_s)
+        if out.status in ("optimal", "target") and out.values is not None:
+            x_adv = into_ball(self.x[j], out.values[xv], self.cfg.eps, self.norm, self.cfg.bounds)
+            return "feasible", x_adv
+        if out.status == "infeasible":
+            return "infeasible", None
+        return out.status, None
+
+    def query(self, j: int, subset: Pattern, deadline: float) -> tuple[str, np.ndarray | None, str]:
+        """Decide one pattern soundly (see the module docstring)."""
+        y = int(self.y[j])
+        if any(not can_misclassify(self.bounds(j, c), 0.0) for c in subset):
+            return "infeasible", None, "bounds"
+        left = deadline - time.perf_counter()
+        if left <= 0:
+            return "unknown", None, "deadline"
+        status, w = self.solve_subset(j, subset, 0.0, left)
+        if status == "infeasible":
+            return "infeasible", None, "milp"
+        if status != "feasible" or w is None:
+            return "unknown", None, f"milp-{status}"
+        if subset <= fooled_set(self.clf, w, y):
+            return "feasible", w, "milp"
+        w = self.witness_with_margin(j, subset, deadline)
+        return ("feasible", w, "milp-margin") if w is not None else ("unknown", None, "tie-only")
+
+    def witness_with_margin(self, j: int, subset: Pattern, deadline: float) -> np.ndarray | None:
+        """A witness for ``subset`` at point ``j`` that re-checks in float64 PyTorch: solve with
+        the attack margin, growing it x10 twice when solver tolerances (big-M times integrality
+        tolerance) eat it; None when no margin works in time."""
+        y = int(self.y[j])
+        for margin in (self.cfg.margin, 10 * self.cfg.margin, 100 * self.cfg.margin):
+            left = deadline - time.perf_counter()
+            if margin <= 0 or left <= 0:
+                break
+            status, w = self.solve_subset(j, subset, margin, left)
+            if status == "feasible" and w is not None and subset <= fooled_set(self.clf, w, y):
+                return w
+            if status != "feasible":
+                break
+        return None
+
+
+def enumerate_patterns(solver: PatternSolver, j: int, deadline: float, *,
+                       stop_unless_full: bool = False,
+                       on_query: Callable[[], None] | None = None) -> PointPatterns:
+    """All fooling patterns of point ``j`` (see the module docstring for the order).
+
+    ``stop_unless_full`` (Lemma 2 with alpha = 1): stop after the full set's query."""
+    clf, cn, y = solver.clf, len(solver.clf), int(solver.y[j])
+    pp = PointPatterns(j, cn)
+    x0 = solver.x[j]
+
+    def add_witness(w: np.ndarray, how: str, asked: Pattern, t: float) -> None:
+        fooled = fooled_set(clf, w, y)
+        for k in range(len(fooled) + 1):
+            for sub in itertools.combinations(sorted(fooled), k):
+                s = frozenset(sub)
+                if s not in pp.feasible:
+                    pp.feasible[s] = w
+                    pp.unknown.discard(s)
+        pp.records.append(QueryRecord(j, tuple(sorted(asked)), "feasible", how, t))
+
+    add_witness(x0.copy(), "clean", frozenset(), 0.0)
+
+    def decide(s: Pattern) -> str:
+        known = pp.status(s)
+        if known is not None:
+            return known
+        if any(frozenset(sub) in pp.infeasible for sub in itertools.combinations(sorted(s), len(s) - 1)):
+            pp.infeasible.add(s)
+            pp.records.append(QueryRecord(j, tuple(sorted(s)), "infeasible", "implied-superset"))
+            return "infeasible"
+        t0 = time.perf_counter()
+        status, w, how = solver.query(j, s, deadline)
+        dt = time.perf_counter() - t0
+        if on_query is not None:
+            on_query()
+        if status == "feasible" and w is not None:
+            add_witness(w, how, s, dt)
+            return "feasible"
+        (pp.infeasible if status == "infeasible" else pp.unknown).add(s)
+        pp.records.append(QueryRecord(j, tuple(sorted(s)), status, how, dt))
+        return status
+
+    full = frozenset(range(cn))
+    if decide(full) == "feasible" or stop_unless_full:
+        return pp
+    for k in range(1, cn):
+        for sub in itertools.combinations(range(cn), k):
+            decide(frozenset(sub))
+    return pp
