@@ -33,7 +33,7 @@ import torch
 from torch import nn
 
 from phalanx.attacks import create_attack
-from phalanx.data import Split, load_dataset
+from phalanx.data import load_dataset
 from phalanx.ensembles import Ensemble
 from phalanx.models import create_model
 from phalanx.training import TrainConfig, create_method, fit

@@ -30,7 +30,7 @@ def ckpt(mlp_ensemble, tmp_path_factory):
 
 def test_evaluate_whitebox_several_attacks(ckpt, capsys, tmp_path):
     out = tmp_path / "wb"
-    code, stdout, err = run(["evaluate", ckpt, "--limit", "40", "--eps", "0,0.1", "--attack", "fgsm,pgd",
+    code, _stdout, err = run(["evaluate", ckpt, "--limit", "40", "--eps", "0,0.1", "--attack", "fgsm,pgd",
                              "--steps", "3", "--out", str(out), "--no-progress"], capsys)
     assert code == 0, err
     res = json.loads((out / "results.json").read_text())

@@ -253,6 +253,7 @@ class AutoAttack(Attack):
                         else:
                             adv, ok = fab_targeted(model, xs[sub], ys[sub], tgt[sub], threat, n_iter=self.fab_iter)
                         self._merge(best, robust, idx[sub], adv, ok)
+            log.info("%s: after %s, %d of %d examples robust", self.name, comp, int(robust.sum()), len(y))
         return best
 
     @staticmethod

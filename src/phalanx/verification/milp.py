@@ -89,6 +89,9 @@ class MilpModel:
     def add_row(self, idx: Sequence[int] | np.ndarray, coef: Sequence[float] | np.ndarray, lo: float, hi: float) -> None:
         i = np.asarray(idx, dtype=np.int64).reshape(-1)
         c = np.asarray(coef, dtype=np.float64).reshape(-1)
+        if np.unique(i).size != i.size:  # a variable used twice (e.g. a max-pool output shared by windows)
+            i, inv = np.unique(i, return_inverse=True)
+            c = np.bincount(inv, weights=c, minlength=i.size)
         keep = c != 0.0
         self._rows_idx.append(i[keep])
         self._rows_coef.append(c[keep])
