@@ -6,11 +6,10 @@ import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from verif_nets import ARCHS
 
 from phalanx.verification import ball, interval_bounds, linear_bounds, to_ir
 from phalanx.verification.ir import Affine, LeakyRelu, MaxPool, Relu, Residual, run_ops
-
-from verif_nets import ARCHS
 
 
 def _pre_activations(ops: tuple, h: np.ndarray, out: list) -> np.ndarray:
@@ -38,9 +37,9 @@ def test_bounds_contain_samples(arch: str, seed: int, eps: float) -> None:
     pres: list = []
     out = _pre_activations(ir.ops, samples, pres)
     ib, lb = interval_bounds(ir, lo, hi), linear_bounds(ir, lo, hi)
-    for b in (ib, lb):
-        assert np.all(out >= b.output[0] - 1e-9) and np.all(out <= b.output[1] + 1e-9)
-        for (pl, pu), p in zip(b.pre, pres, strict=True):
+    for nb in (ib, lb):
+        assert np.all(out >= nb.output[0] - 1e-9) and np.all(out <= nb.output[1] + 1e-9)
+        for (pl, pu), p in zip(nb.pre, pres, strict=True):
             assert np.all(p >= pl - 1e-9) and np.all(p <= pu + 1e-9)
     # the linear relaxation is never looser than interval arithmetic
     assert np.all(lb.output[0] >= ib.output[0] - 1e-9) and np.all(lb.output[1] <= ib.output[1] + 1e-9)

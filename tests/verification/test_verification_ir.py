@@ -10,12 +10,12 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
+from verif_nets import ARCHS, _net, toy_network
 
 from phalanx.errors import PhalanxError
 from phalanx.verification import interval_bounds, linear_bounds, to_ir
 from phalanx.verification.ir import Affine, MaxPool, Relu, Residual
 from phalanx.verification.milp import MilpModel, encode_network
-from verif_nets import ARCHS, _net, toy_network
 
 
 @pytest.mark.parametrize("arch", sorted(ARCHS))
@@ -42,7 +42,7 @@ def test_milp_encoding_equals_forward(arch: str) -> None:
         iv = m.add_vars(x, x)  # the input fixed to the point: the encoding must reproduce the logits
         ov = encode_network(m, ir, iv, b)
         out = m.solve(30)
-        assert out.status == "optimal"
+        assert out.status == "optimal" and out.values is not None
         assert np.allclose(out.values[ov], ir.forward(x), atol=1e-5)
 
 
@@ -76,4 +76,4 @@ def test_toy_network_of_figure_1() -> None:
     m.add_row([iv[1]], [1.0], -5.0, -5.0)
     ov = encode_network(m, ir, iv, linear_bounds(ir, np.array([-10.0, -10.0]), np.array([10.0, 10.0])))
     out = m.solve(10)
-    assert np.allclose(out.values[ov], [6.0, 3.0])
+    assert out.values is not None and np.allclose(out.values[ov], [6.0, 3.0])

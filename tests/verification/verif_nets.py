@@ -14,8 +14,8 @@ def _net(body: list[nn.Module], shape: tuple[int, int, int], seed: int) -> Featu
     net = FeatureNet(Normalize([0.3] * c, [0.7] * c), nn.Sequential(*body), {"in_shape": list(shape), "num_classes": 4})
     for m in net.modules():  # non-trivial BatchNorm statistics
         if isinstance(m, nn.BatchNorm2d):
-            m.running_mean.uniform_(-0.5, 0.5)
-            m.running_var.uniform_(0.5, 2.0)
+            m.running_mean.uniform_(-0.5, 0.5)  # type: ignore[union-attr]
+            m.running_var.uniform_(0.5, 2.0)  # type: ignore[union-attr]
             m.weight.data.uniform_(0.5, 1.5)
             m.bias.data.uniform_(-0.2, 0.2)
     return net.eval()
@@ -42,6 +42,8 @@ def toy_network() -> nn.Sequential:
     weights are not in the text; these reproduce every value it states."""
     net = nn.Sequential(nn.Linear(2, 2, bias=False), nn.ReLU(), nn.Linear(2, 2, bias=False))
     with torch.no_grad():
-        net[0].weight.copy_(torch.tensor([[2.0, 2.0], [1.0, 0.0]]))
-        net[2].weight.copy_(torch.tensor([[1.0, 6.0], [2.0, 3.0]]))
+        net[0].weight.copy_(  # type: ignore[operator]
+            torch.tensor([[2.0, 2.0], [1.0, 0.0]]))
+        net[2].weight.copy_(  # type: ignore[operator]
+            torch.tensor([[1.0, 6.0], [2.0, 3.0]]))
     return net

@@ -131,15 +131,19 @@ def run_evaluation(spec: EvaluationSpec, ensemble: Ensemble, data: DatasetSplits
     elif p is Protocol.DIVERSITY:
         out["diversity"] = diversity_matrix(ensemble, split, eps=spec.diversity_eps, limit=None, generator=gen,
                                             progress=progress)
-    else:
-        out["blackbox"] = _blackbox(spec, ensemble, data, split, attacks, run_dir, gen, progress)
-    out["examples"] = _examples(ensemble, split, first_name, first, max(spec.eps), gen)
+    surrogate: Any = None
+    if p is Protocol.BLACKBOX:
+        out["blackbox"], surrogate = _blackbox(spec, ensemble, data, split, attacks, run_dir, gen, progress)
+    out["examples"] = _examples(ensemble, split, first_name, first, max(spec.eps), gen, surrogate=surrogate)
     return out
 
 
 def _blackbox(spec: EvaluationSpec, ensemble: Ensemble, data: DatasetSplits, split: Split,
               attacks: dict[str, Attack], run_dir: str | Path | None, gen: torch.Generator,
-              progress: bool) -> dict[str, Any]:
+              progress: bool) -> tuple[dict[str, Any], Any]:
+    """Score (and first generate, where needed) the transfer sets; also returns the first
+    surrogate (None for stored sets) for the decision-region plot's adversarial axis."""
+    first_source: Any = None
     if spec.transfer_sets is not None:
         sets_dir = Path(spec.transfer_sets)
         sets = load_transfer_sets(sets_dir)
@@ -164,6 +168,7 @@ def _blackbox(spec: EvaluationSpec, ensemble: Ensemble, data: DatasetSplits, spl
         if not sources:
             raise PhalanxError("black-box evaluation needs --transfer-sets DIR, --surrogates CKPT[,CKPT] "
                                "or --train-surrogates SIZES (e.g. 3,5,8)")
+        first_source = next(iter(sources.values()))
         sets_dir = generate_transfer_sets(
             sources, split, _nonzero(spec.eps) or list(spec.eps), Path(run_dir) / "transfer_sets",
             attacks=transfer_attacks(steps=spec.transfer_steps, restarts=spec.transfer_restarts),
@@ -184,12 +189,14 @@ def _blackbox(spec: EvaluationSpec, ensemble: Ensemble, data: DatasetSplits, spl
             for b, w in zip(scored["curve"][-len(eps_bb):], wb["worst_case"], strict=True):
                 checks.append(check_blackbox_vs_whitebox(b["accuracy"], w["accuracy"], b["eps"]).to_dict())
     scored["sanity"] = checks
-    return scored
+    return scored, first_source
 
 
 def _examples(ensemble: Ensemble, split: Split, name: str, attack: Attack, eps: float,
-              gen: torch.Generator, k: int = 8) -> dict[str, Any]:
-    """A few clean/adversarial images and a decision-region grid for the report."""
+              gen: torch.Generator, k: int = 8, surrogate: Any = None) -> dict[str, Any]:
+    """A few clean/adversarial images and a decision-region grid for the report; the grid's
+    adversarial axis comes from ``surrogate`` (DVERGE fig. 1: a benign surrogate ensemble), or
+    from the ensemble itself (white-box direction) when none is given."""
     from phalanx.types import Norm, ThreatModel
 
     device = model_device(ensemble)
@@ -201,7 +208,9 @@ def _examples(ensemble: Ensemble, split: Split, name: str, attack: Attack, eps: 
         cp, ap = ensemble(x).argmax(-1), ensemble(adv).argmax(-1)
     models: dict[str, Any] = {"ensemble": ensemble}
     models.update({f"member {i}": m for i, m in enumerate(ensemble.members)})
-    regions = decision_regions(models, x[:1], y[:1], ensemble, eps=max(eps, 1e-3), resolution=41, generator=gen)
+    regions = decision_regions(models, x[:1], y[:1], surrogate if surrogate is not None else ensemble,
+                               eps=max(eps, 1e-3), resolution=41, generator=gen)
+    regions["direction_from"] = "surrogate" if surrogate is not None else "the evaluated ensemble (white-box)"
     return {"attack": name, "eps": eps, "clean": x.cpu(), "adversarial": adv.cpu(), "labels": y.cpu(),
             "clean_pred": cp.cpu(), "adv_pred": ap.cpu(), "decision_regions": regions}
 

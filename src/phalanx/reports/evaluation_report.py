@@ -86,8 +86,9 @@ def examples_section(ex: Mapping[str, Any], run_dir: Path, prefix: str = "") -> 
     plot_adversarial_grid(ex["clean"], ex["adversarial"], ex["labels"], ex["clean_pred"], ex["adv_pred"],
                           run_dir / f"{prefix}adversarial_examples.png",
                           title=f"{ex['attack']} at eps {ex['eps']:g} (top: clean, bottom: adversarial)")
+    src = ex["decision_regions"].get("direction_from", "the evaluated ensemble")
     plot_decision_regions(ex["decision_regions"], run_dir / f"{prefix}decision_regions.png",
-                          title="Decision regions (vertical: adversarial direction, horizontal: random)")
+                          title=f"Decision regions (vertical: adversarial direction of {src}; horizontal: random)")
     return ["## Examples", "", f"![adversarial examples]({prefix}adversarial_examples.png)", "",
             f"![decision regions]({prefix}decision_regions.png)", ""]
 

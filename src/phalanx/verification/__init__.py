@@ -19,8 +19,8 @@ from phalanx.verification.query import (
     MARGIN,
     Query,
     QueryKind,
-    VerificationResult,
     Verdict,
+    VerificationResult,
     make_query,
     recheck,
 )

@@ -18,9 +18,12 @@ from phalanx.errors import PhalanxError
 from phalanx.verification.bounds import NetworkBounds, interval_bounds, linear_bounds
 from phalanx.verification.ir import stack_outputs
 from phalanx.verification.milp import MilpModel, encode_network
-from phalanx.verification.query import MARGIN, Query, VerificationResult, Verdict, recheck
+from phalanx.verification.query import MARGIN, Query, Verdict, VerificationResult, recheck
 
 log = logging.getLogger(__name__)
+
+#: slack on bound-based proofs for float64 rounding in the bound arithmetic
+BOUND_TOL = 1e-9
 
 
 class Verifier(ABC):
@@ -55,7 +58,9 @@ class QueryBounds:
     disjunct_lower: tuple[np.ndarray, ...]
 
     def possible_groups(self) -> int:
-        return int(sum(bool(np.any(u >= 0.0)) for u in self.disjunct_upper))
+        """Groups with a disjunct whose upper bound reaches 0 (``BOUND_TOL`` absorbs float64
+        rounding in the bound computation, erring on the side of "possible")."""
+        return int(sum(bool(np.any(u >= -BOUND_TOL)) for u in self.disjunct_upper))
 
     def proves_unsat(self, query: Query) -> bool:
         """True when fewer than ``quorum`` groups can hold anywhere in the box (sound: the
@@ -124,7 +129,7 @@ def build_milp(query: Query, qb: QueryBounds, *, objective_target: float | None 
     all_required = query.required == len(groups)
     actives = []
     for g, up, low in zip(groups, qb.disjunct_upper, qb.disjunct_lower, strict=True):
-        keep = [i for i in range(len(g)) if up[i] >= 0.0]  # a disjunct that cannot reach 0 never holds
+        keep = [i for i in range(len(g)) if up[i] >= -BOUND_TOL]  # a disjunct that cannot reach 0 never holds
         if not keep:
             if all_required:
                 m.add_row([t], [1.0], -np.inf, -1.0)  # infeasible: this group can never hold
@@ -172,7 +177,7 @@ class MilpVerifier(Verifier):
         qb = query_bounds(query, self.bounds)
         if qb.proves_unsat(query):
             return self._result(Verdict.UNSAT, t0, message="bounds prove UNSAT (no solver call)")
-        model, x, t = build_milp(query, qb)
+        model, x, _ = build_milp(query, qb)
         left = time_limit_s - (time.perf_counter() - t0)
         if left <= 0:
             return self._result(Verdict.TIMEOUT, t0, message="time limit reached while building the MILP")

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from phalanx.errors import PhalanxError
-from phalanx.verification.ir import Affine, LeakyRelu, MaxPool, NetworkIR, Op, Relu, Residual
+from phalanx.verification.ir import Affine, MaxPool, NetworkIR, Op, Relu, Residual
 
 
 @dataclass(frozen=True, eq=False)

@@ -14,6 +14,7 @@ from __future__ import annotations
 import copy
 import itertools
 import json
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -43,8 +44,10 @@ class Composite(nn.Module):
 def _onnx(model: nn.Module, in_shape: tuple[int, ...], path: Path) -> Path:
     model = model.eval()
     dummy = torch.zeros(1, *in_shape)
-    torch.onnx.export(model, (dummy,), str(path), input_names=["X"], output_names=["Y"], dynamo=False,
-                      opset_version=13)
+    with warnings.catch_warnings():  # the TorchScript exporter is deprecated but needs no onnxscript
+        warnings.simplefilter("ignore", DeprecationWarning)
+        torch.onnx.export(model, (dummy,), str(path), input_names=["X"], output_names=["Y"], dynamo=False,
+                          opset_version=13)
     return path
 
 

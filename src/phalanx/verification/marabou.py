@@ -24,7 +24,7 @@ import numpy as np
 from phalanx.errors import PhalanxError
 from phalanx.verification.backends import Verifier, query_bounds
 from phalanx.verification.ir import Affine, LeakyRelu, MaxPool, Op, Relu, Residual
-from phalanx.verification.query import MARGIN, Query, VerificationResult, Verdict
+from phalanx.verification.query import MARGIN, Query, Verdict, VerificationResult
 
 WORKER = Path(__file__).with_name("marabou_worker.py")
 

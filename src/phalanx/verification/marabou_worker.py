@@ -24,33 +24,33 @@ def _encode(net: Any, ops: list[Any], h: list[int]) -> list[int]:
     for op in ops:
         kind = op[0]
         if kind == "affine":
-            w, b = op[1], op[2]
-            y = [net.getNewVariable() for _ in range(b.size)]
-            for j in range(b.size):
-                nz = np.nonzero(w[j])[0]
-                net.addEquality([y[j]] + [h[i] for i in nz], [1.0] + [-float(w[j, i]) for i in nz], float(b[j]))
+            wt, bias = op[1], op[2]
+            y = [net.getNewVariable() for _ in range(bias.size)]
+            for j in range(bias.size):
+                nz = np.nonzero(wt[j])[0]
+                net.addEquality([y[j]] + [h[i] for i in nz], [1.0] + [-float(wt[j, i]) for i in nz], float(bias[j]))
             h = y
         elif kind in ("relu", "leaky"):
             y = [net.getNewVariable() for _ in h]
-            for a, b_ in zip(h, y):
+            for u, v in zip(h, y, strict=True):
                 if kind == "relu":
-                    net.addRelu(a, b_)
+                    net.addRelu(u, v)
                 else:
-                    net.addLeakyRelu(a, b_, float(op[1]))
+                    net.addLeakyRelu(u, v, float(op[1]))
             h = y
         elif kind == "maxpool":
             y = []
             for g in op[1]:
-                v = net.getNewVariable()
-                net.addMaxConstraint({h[int(i)] for i in g}, v)
-                y.append(v)
+                mv = net.getNewVariable()
+                net.addMaxConstraint({h[int(i)] for i in g}, mv)
+                y.append(mv)
             h = y
         elif kind == "residual":
-            a = _encode(net, op[1], h)
-            b = _encode(net, op[2], h)
-            y = [net.getNewVariable() for _ in a]
-            for s, u, v in zip(y, a, b):
-                net.addEquality([s, u, v], [1.0, -1.0, -1.0], 0.0)
+            br = _encode(net, op[1], h)
+            sc = _encode(net, op[2], h)
+            y = [net.getNewVariable() for _ in br]
+            for s, u, w in zip(y, br, sc, strict=True):
+                net.addEquality([s, u, w], [1.0, -1.0, -1.0], 0.0)
             h = y
         else:
             raise ValueError(f"unknown op {kind!r}")
@@ -96,9 +96,9 @@ def solve(q: dict[str, Any]) -> dict[str, Any]:
         if len(disjuncts) > int(q.get("max_disjuncts", 5000)):
             return {"code": "ERROR", "message": f"{len(disjuncts)} disjuncts: too many for Marabou"}
         net.addDisjunctionConstraint(disjuncts)
-    opts = Marabou.createOptions(verbosity=0, timeoutInSeconds=max(1, int(math.ceil(q["timeout"]))))
+    opts = Marabou.createOptions(verbosity=0, timeoutInSeconds=max(1, math.ceil(q["timeout"])))
     t0 = time.perf_counter()
-    code, vals, stats = net.solve(options=opts, verbose=False)
+    code, vals, _stats = net.solve(options=opts, verbose=False)
     out: dict[str, Any] = {"code": str(code), "solve_s": time.perf_counter() - t0}
     if str(code) == "sat":
         out["x"] = [float(vals[v]) for v in x]

@@ -20,7 +20,7 @@ import numpy as np
 
 from phalanx.errors import PhalanxError
 from phalanx.verification.bounds import NetworkBounds
-from phalanx.verification.ir import Affine, LeakyRelu, MaxPool, NetworkIR, Op, Relu, Residual
+from phalanx.verification.ir import Affine, MaxPool, NetworkIR, Op, Relu, Residual
 
 INF = float("inf")
 
@@ -91,7 +91,7 @@ class MilpModel:
         c = np.asarray(coef, dtype=np.float64).reshape(-1)
         if np.unique(i).size != i.size:  # a variable used twice (e.g. a max-pool output shared by windows)
             i, inv = np.unique(i, return_inverse=True)
-            c = np.bincount(inv, weights=c, minlength=i.size)
+            c = np.bincount(inv, weights=c, minlength=i.size).astype(np.float64)
         keep = c != 0.0
         self._rows_idx.append(i[keep])
         self._rows_coef.append(c[keep])
@@ -198,22 +198,22 @@ class _Encoder:
         m = self.m
         out = np.empty(x.size, dtype=np.int64)
         for j in range(x.size):
-            l, u, xj = float(lo[j]), float(hi[j]), int(x[j])
-            if l >= 0.0 or a == 1.0:
+            lb, u, xj = float(lo[j]), float(hi[j]), int(x[j])
+            if lb >= 0.0 or a == 1.0:
                 out[j] = xj  # active (or identity): y = x
             elif u <= 0.0:
                 if a == 0.0:
                     out[j] = m.add_var(0.0, 0.0)
                 else:
-                    out[j] = m.add_var(a * l, a * u)
+                    out[j] = m.add_var(a * lb, a * u)
                     m.add_row([out[j], xj], [1.0, -a], 0.0, 0.0)
             else:
-                y = m.add_var(max(0.0, a * l) if a == 0.0 else a * l, u)
+                y = m.add_var(0.0 if a == 0.0 else a * lb, u)
                 z = m.add_var(0.0, 1.0, integer=True)
                 m.add_row([y, xj], [1.0, -1.0], 0.0, INF)
                 if a > 0.0:
                     m.add_row([y, xj], [1.0, -a], 0.0, INF)
-                m.add_row([y, xj, z], [1.0, -1.0, (a - 1.0) * l], -INF, (a - 1.0) * l)
+                m.add_row([y, xj, z], [1.0, -1.0, (a - 1.0) * lb], -INF, (a - 1.0) * lb)
                 m.add_row([y, xj, z], [1.0, -a, -(1.0 - a) * u], -INF, 0.0)
                 out[j] = y
         return out

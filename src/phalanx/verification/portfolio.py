@@ -8,13 +8,15 @@ whatever is left goes to a complete backend (MILP by default) with the remaining
 from __future__ import annotations
 
 import time
+import weakref
 from collections.abc import Iterator, Sequence
 
 import numpy as np
 import torch
+from torch import nn
 
 from phalanx.verification.backends import BoundsVerifier, Verifier
-from phalanx.verification.query import Query, QueryKind, VerificationResult, Verdict, recheck
+from phalanx.verification.query import Query, QueryKind, Verdict, VerificationResult, recheck
 
 
 def default_attacks(query: Query) -> tuple[str, ...]:
@@ -33,13 +35,13 @@ def _attack_candidates(query: Query, attacks: Sequence[str], steps: int, restart
     ``phalanx.attacks``: G.A. 1-3 for member properties, PGD for composites."""
     from phalanx.attacks import create_attack
     from phalanx.ensembles import Ensemble
-    from phalanx.types import ThreatModel
+    from phalanx.types import Norm, ThreatModel
 
     ens = Ensemble(list(query.models), "mean-logits").eval()
     shape = query.nets[0].in_shape
     x = torch.as_tensor(query.x0.reshape(1, *shape), dtype=torch.float32)
     y = torch.tensor([query.label])
-    threat = ThreatModel("linf", float(query.eps), query.input_bounds)
+    threat = ThreatModel(Norm.LINF, float(query.eps), query.input_bounds)
     gen = torch.Generator().manual_seed(seed)
     for name in attacks:
         if name in ("ga1", "ga2", "ga3") and query.kind is QueryKind.MEAN_LOGITS:
@@ -78,18 +80,66 @@ class AttackVerifier(Verifier):
         return self._result(Verdict.TIMEOUT, t0, message="attack found no witness (incomplete method)")
 
 
+#: member-robustness verdicts cached per process: (member fingerprint, point, eps, label) -> verdict
+_MEMBER_CACHE: dict[tuple[str, str, float, int, tuple[float, float]], Verdict] = {}
+_FINGERPRINTS: weakref.WeakKeyDictionary[nn.Module, str] = weakref.WeakKeyDictionary()
+
+
+def _member_key(query: Query, i: int) -> tuple[str, str, float, int, tuple[float, float]]:
+    from phalanx.verification.query import model_fingerprint, point_fingerprint
+
+    m = query.models[i]
+    fp = _FINGERPRINTS.get(m)
+    if fp is None:
+        fp = _FINGERPRINTS[m] = model_fingerprint(m)
+    return fp, point_fingerprint(query.x0), round(float(query.eps), 12), query.label, query.input_bounds
+
+
+def robust_members(query: Query, backend: Verifier, time_limit_s: float) -> tuple[int, int]:
+    """How many chosen members are individually proven robust in the ball (their own
+    single-network query UNSAT); cached across queries sharing a member, point and eps.
+
+    A mutual-error / majority property needs ``quorum`` members to err at one input, so if more
+    than ``k - quorum`` members can never err there, the query is UNSAT (sound: a member's
+    robustness holds for every input of the ball). Returns ``(robust, solved_now)``."""
+    from phalanx.verification.query import make_query
+
+    robust = solved = 0
+    t0 = time.perf_counter()
+    for i in range(len(query.nets)):
+        key = _member_key(query, i)
+        v = _MEMBER_CACHE.get(key)
+        if v is None:
+            left = time_limit_s - (time.perf_counter() - t0)
+            if left <= 0:
+                break
+            single = make_query([query.models[i]], query.x0, query.eps, query.label, nets=[query.nets[i]],
+                                input_bounds=query.input_bounds)
+            v = backend.verify(single, time_limit_s=left).verdict
+            solved += 1
+            if v.decided:
+                _MEMBER_CACHE[key] = v
+        robust += v is Verdict.UNSAT
+        if len(query.nets) - robust < query.required:
+            break
+    return robust, solved
+
+
 class Portfolio(Verifier):
-    """Cheap SAT by a joint attack, cheap UNSAT by linear bounds, then a complete backend."""
+    """Cheap SAT by a joint attack, cheap UNSAT by linear bounds and by member-wise robustness
+    proofs (cached), then a complete backend on the joint query."""
 
     name = "portfolio"
 
     def __init__(self, complete: str = "milp", attacks: Sequence[str] | None = None, steps: int = 20,
-                 bounds: str = "linear", **complete_options: object) -> None:
+                 bounds: str = "linear", member_proofs: bool = True, **complete_options: object) -> None:
         from phalanx.verification import create_verifier
 
         self.attack = AttackVerifier(attacks, steps=steps)
         self.bounds = BoundsVerifier(bounds)
         self.backend = create_verifier(complete, **complete_options)
+        self.member_backend = create_verifier("milp") if complete in ("milp", "smt") else self.backend
+        self.member_proofs, self.member_share = member_proofs, 0.5
         self.name = f"portfolio({complete})"
 
     def verify(self, query: Query, *, time_limit_s: float) -> VerificationResult:
@@ -100,6 +150,15 @@ class Portfolio(Verifier):
             stages[stage.name] = round(r.wall_time_s, 6)
             if r.verdict.decided:
                 return self._finish(r, t0, stage.name, stages)
+        if self.member_proofs and query.complete and query.kind is not QueryKind.MEAN_LOGITS and len(query.nets) > 1:
+            t1 = time.perf_counter()
+            left = time_limit_s - (t1 - t0)
+            robust, _ = robust_members(query, self.member_backend, left * self.member_share)
+            stages["members"] = round(time.perf_counter() - t1, 6)
+            if len(query.nets) - robust < query.required:
+                r = VerificationResult(Verdict.UNSAT, "members", time.perf_counter() - t1,
+                                       message=f"{robust} of {len(query.nets)} members are individually robust")
+                return self._finish(r, t0, "members", stages)
         left = time_limit_s - (time.perf_counter() - t0)
         if left <= 0:
             return self._result(Verdict.TIMEOUT, t0, message="time limit spent in attack and bounds",

@@ -74,14 +74,17 @@ def can_misclassify(enc: EncodedPoint, margin: float) -> bool:
 
 
 def add_misclassified(model: MilpModel, net: NetworkIR, xv: np.ndarray, enc: EncodedPoint, y: int,
-                      margin: float, indicator: int | None = None) -> None:
+                      margin: float, indicator: int | None = None, margin_var: int | None = None) -> None:
     """Encode ``net`` on ``xv`` and require some wrong label r with ``z_r - z_y >= margin``.
 
     Without ``indicator`` the constraint always holds. With a binary ``indicator`` l (the 0-1
     loss ``l^c_{i,j}`` of eq. (8)) it holds when ``l = 1``: selectors ``s_r`` with
     ``sum_r s_r = l`` and ``z_r - z_y >= margin - M_r (1 - s_r)``, ``M_r = margin - lower(z_r - z_y)``.
     (The implication ``l = 1 => misclassified`` suffices: the attacker maximises, so ``l`` is 1
-    whenever it can be; it makes optimal values and robustness proofs exact.)"""
+    whenever it can be; it makes optimal values and robustness proofs exact.)
+
+    With ``margin_var`` (a variable ``m`` in ``[0, margin]``) the margin is ``m`` instead of the
+    constant: ``z_r - z_y >= m``, so a model can maximise the smallest margin of several networks."""
     z = encode_network(model, net, xv, enc.bounds)
     live = [k for k in range(enc.wrong.size) if enc.diff_hi[k] >= margin]
     if not live:
@@ -91,9 +94,12 @@ def add_misclassified(model: MilpModel, net: NetworkIR, xv: np.ndarray, enc: Enc
         else:
             model.tighten(np.array([indicator]), np.array([0.0]), np.array([0.0]))
         return
+    mv = [] if margin_var is None else [int(margin_var)]
+    mc = [] if margin_var is None else [-1.0]
+    const = 0.0 if margin_var is not None else margin  # the margin as a constant or as -m in the row
     if indicator is None and len(live) == 1:
         r = int(enc.wrong[live[0]])
-        model.add_row([int(z[r]), int(z[y])], [1.0, -1.0], margin, math.inf)
+        model.add_row([int(z[r]), int(z[y]), *mv], [1.0, -1.0, *mc], const, math.inf)
         return
     sel = model.add_vars(np.zeros(len(live)), np.ones(len(live)), integer=True)
     if indicator is None:
@@ -103,5 +109,5 @@ def add_misclassified(model: MilpModel, net: NetworkIR, xv: np.ndarray, enc: Enc
     for s, k in zip(sel, live, strict=True):
         r = int(enc.wrong[k])
         big = max(0.0, margin - float(enc.diff_lo[k]))
-        # z_r - z_y - big * s >= margin - big
-        model.add_row([int(z[r]), int(z[y]), int(s)], [1.0, -1.0, -big], margin - big, math.inf)
+        # z_r - z_y [- m] - big * s >= margin - big   (margin: the constant, or m's upper bound)
+        model.add_row([int(z[r]), int(z[y]), int(s), *mv], [1.0, -1.0, -big, *mc], const - big, math.inf)

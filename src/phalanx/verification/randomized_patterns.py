@@ -115,24 +115,33 @@ class PatternSolver:
                                              self.cfg.eps, self.cfg.bounds)
         return self._bounds[key]
 
-    def solve_subset(self, j: int, subset: Pattern, margin: float, time_limit_s: float) -> tuple[str, np.ndarray | None]:
+    def solve_subset(self, j: int, subset: Pattern, margin: float, time_limit_s: float, *,
+                     maximize: bool = False) -> tuple[str, np.ndarray | None]:
         """One MILP: ``exists x'`` in the ball with every classifier of ``subset`` wrong by ``margin``.
-        Returns ('feasible', x') | ('infeasible', None) | ('timeout' | 'error', None)."""
+
+        ``maximize``: the margin becomes a variable ``m`` in ``[0, margin]`` that is maximised
+        (the model is infeasible iff no x' misclassifies with margin 0, and the solver stops as
+        soon as an x' reaches the full ``margin``). Returns ('feasible', x') | ('infeasible', None)
+        | ('timeout' | 'error', x' or None): a timeout may still carry an incumbent to re-check."""
         from phalanx.verification.milp import MilpModel
 
         model = MilpModel()
         xv = add_perturbed_point(model, self.x[j], self.cfg.eps, self.norm, self.cfg.bounds)
+        m = model.add_var(0.0, margin) if maximize else None
         for c in sorted(subset):
-            add_misclassified(model, self.clf.nets[c], xv, self.bounds(j, c), int(self.y[j]), margin)
-        model.objective_target = None
+            add_misclassified(model, self.clf.nets[c], xv, self.bounds(j, c), int(self.y[j]), margin, margin_var=m)
+        if m is not None:
+            model.set_objective([m], [1.0], sense="max")
         self.num_milp += 1
         out = model.solve(time_limit_s)
-        if out.status in ("optimal", "target") and out.values is not None:
-            x_adv = into_ball(self.x[j], out.values[xv], self.cfg.eps, self.norm, self.cfg.bounds)
-            return "feasible", x_adv
         if out.status == "infeasible":
             return "infeasible", None
-        return out.status, None
+        x_adv = None
+        if out.values is not None:
+            x_adv = into_ball(self.x[j], out.values[xv], self.cfg.eps, self.norm, self.cfg.bounds)
+        if out.status in ("optimal", "target") and x_adv is not None:
+            return "feasible", x_adv
+        return out.status, x_adv
 
     def query(self, j: int, subset: Pattern, deadline: float) -> tuple[str, np.ndarray | None, str]:
         """Decide one pattern soundly (see the module docstring)."""
@@ -142,13 +151,16 @@ class PatternSolver:
         left = deadline - time.perf_counter()
         if left <= 0:
             return "unknown", None, "deadline"
-        status, w = self.solve_subset(j, subset, 0.0, left)
+        # one MILP maximising the smallest margin over S (capped at 10x the attack margin):
+        # infeasible proves the pattern impossible even with ties (margin 0); the first x' at the
+        # cap ends the search with a witness that survives solver tolerances
+        status, w = self.solve_subset(j, subset, max(10 * self.cfg.margin, 1e-6), left, maximize=True)
         if status == "infeasible":
             return "infeasible", None, "milp"
-        if status != "feasible" or w is None:
-            return "unknown", None, f"milp-{status}"
-        if subset <= fooled_set(self.clf, w, y):
+        if w is not None and subset <= fooled_set(self.clf, w, y):
             return "feasible", w, "milp"
+        if status != "feasible":
+            return "unknown", None, f"milp-{status}"
         w = self.witness_with_margin(j, subset, deadline)
         return ("feasible", w, "milp-margin") if w is not None else ("unknown", None, "tie-only")
 
@@ -162,7 +174,7 @@ class PatternSolver:
             if margin <= 0 or left <= 0:
                 break
             status, w = self.solve_subset(j, subset, margin, left)
-            if status == "feasible" and w is not None and subset <= fooled_set(self.clf, w, y):
+            if w is not None and subset <= fooled_set(self.clf, w, y):
                 return w
             if status != "feasible":
                 break

@@ -26,8 +26,8 @@ from phalanx.verification.ir import NetworkIR, to_ir
 from phalanx.verification.query import (
     Query,
     QueryKind,
-    VerificationResult,
     Verdict,
+    VerificationResult,
     make_query,
     model_fingerprint,
     point_fingerprint,

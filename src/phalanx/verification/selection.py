@@ -192,7 +192,7 @@ def verified_robust_accuracy(cands: Candidates, members: Sequence[int], x: torch
     undecided as robust), and the PGD estimate on the same points (appendix A, section IV)."""
     from phalanx.attacks import create_attack
     from phalanx.ensembles import Ensemble
-    from phalanx.types import ThreatModel
+    from phalanx.types import Norm, ThreatModel
 
     kind = ensemble_kind(combiner)
     mem = tuple(sorted(members))
@@ -218,11 +218,11 @@ def verified_robust_accuracy(cands: Candidates, members: Sequence[int], x: torch
         sat = sum(v is Verdict.SAT for v in verdicts)
         atk = create_attack("pgd", steps=pgd_steps, restarts=pgd_restarts, loss="cw")
         if kind is QueryKind.MEAN_LOGITS:
-            adv = atk(ens, x, y, ThreatModel("linf", float(e)), generator=gen)
+            adv = atk(ens, x, y, ThreatModel(Norm.LINF, float(e)), generator=gen)
             with torch.no_grad():
                 pgd_ok = ens.member_logits(adv).mean(0).argmax(-1) == y
         else:  # majority: attack the vote by its mean-logits surrogate, score by the vote
-            adv = atk(ens, x, y, ThreatModel("linf", float(e)), generator=gen)
+            adv = atk(ens, x, y, ThreatModel(Norm.LINF, float(e)), generator=gen)
             with torch.no_grad():
                 pgd_ok = (ens.member_logits(adv).argmax(-1) == y).sum(0) > len(mem) / 2
         n = len(x)

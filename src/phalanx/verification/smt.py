@@ -16,7 +16,7 @@ import numpy as np
 from phalanx.errors import PhalanxError
 from phalanx.verification.backends import QueryBounds, Verifier, query_bounds
 from phalanx.verification.ir import Affine, MaxPool, Op, Relu, Residual
-from phalanx.verification.query import MARGIN, Query, VerificationResult, Verdict
+from phalanx.verification.query import MARGIN, Query, Verdict, VerificationResult
 
 
 def _z3() -> Any:

@@ -109,7 +109,7 @@ def verify_pairs(checkpoint: str | Path, run_dir: Path, cfg: VerifyConfig, *, pr
 
     _, cands, data = load_candidates(checkpoint, cfg.data_dir)
     mem = _members(cfg, len(cands))
-    x, y, pts = _agreement(cands, data, cfg)
+    _, y, pts = _agreement(cands, data, cfg)
     specs = pair_specs(mem, len(pts), cfg.eps, y.tolist(), subset_size=cfg.subset_size, runner_up=cfg.runner_up)
     store = ResultStore(run_dir / "queries.jsonl")
     recs = run_queries(cands, pts, specs, backend=cfg.backend, options=cfg.backend_options,
@@ -155,7 +155,7 @@ def verify_ensemble(checkpoint: str | Path, run_dir: Path, cfg: VerifyConfig, *,
     mem = _members(cfg, len(cands))
     comb = combiner or ens.combiner.value
     gen = torch.Generator().manual_seed(cfg.seed)
-    split = getattr(data, "test")
+    split = data.test
     idx = torch.randperm(len(split), generator=gen)[:cfg.points]
     val = verified_robust_accuracy(cands, mem, split.x[idx], split.y[idx], cfg.eps, combiner=comb,
                                    backend=cfg.backend, options=cfg.backend_options, time_limit_s=cfg.time_limit_s,
@@ -177,7 +177,7 @@ def select(checkpoint: str | Path, run_dir: Path, cfg: VerifyConfig, *, k: int, 
     from phalanx.runs import write_json
 
     ens, cands, data = load_candidates(checkpoint, cfg.data_dir)
-    x, y, pts = _agreement(cands, data, cfg)
+    _, y, pts = _agreement(cands, data, cfg)
     scfg = SelectionConfig(k=k, eps=tuple(cfg.eps), backend=cfg.backend, backend_options=cfg.backend_options,
                            time_limit_s=cfg.time_limit_s, workers=cfg.workers, max_iters=max_iters,
                            time_budget_s=time_budget_s, initial=tuple(initial) if initial is not None else None)

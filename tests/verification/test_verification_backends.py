@@ -1,0 +1,173 @@
+"""Backends agree, every SAT witness re-checks, attacks never break an UNSAT query."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from verif_nets import toy_network
+
+from phalanx.errors import PhalanxError
+from phalanx.verification import BACKENDS, MilpVerifier, QueryKind, Verdict, create_verifier, make_query, to_ir
+from phalanx.verification.marabou import marabou_available
+from phalanx.verification.portfolio import AttackVerifier
+from phalanx.verification.query import recheck
+from phalanx.verification.selection import ensemble_kind
+
+requires_marabou = pytest.mark.skipif(not marabou_available(), reason="maraboupy not importable")
+EPS = (0.03, 0.06, 0.1)
+
+
+@pytest.fixture(scope="module")
+def pair_queries(tiny_mlp_pair, digits):
+    members = list(tiny_mlp_pair.members)
+    with torch.no_grad():
+        preds = tiny_mlp_pair.member_logits(digits.val.x).argmax(-1)
+    idx = ((preds == digits.val.y).all(0)).nonzero().flatten()[:6]
+    nets = [to_ir(m) for m in members]
+    return [make_query(members, digits.val.x[i], e, int(digits.val.y[i]), nets=nets) for e in EPS for i in idx]
+
+
+@pytest.fixture(scope="module")
+def milp_results(pair_queries):
+    v = MilpVerifier()
+    return [v.verify(q, time_limit_s=60) for q in pair_queries]
+
+
+def _check_sat(q, r) -> None:
+    assert r.counterexample is not None
+    x = r.counterexample
+    assert np.all(np.abs(x - q.x0) <= q.eps + 1e-12) and np.all((x >= 0) & (x <= 1))
+    w, _, det = recheck(q, x)
+    assert w is not None and all(lab != q.label for lab in det["member_labels"])
+
+
+def test_milp_decides_and_witnesses_recheck(pair_queries, milp_results) -> None:
+    assert all(r.verdict.decided for r in milp_results)
+    verdicts = {r.verdict for r in milp_results}
+    assert verdicts == {Verdict.SAT, Verdict.UNSAT}  # the fixture exercises both answers
+    for q, r in zip(pair_queries, milp_results, strict=True):
+        if r.verdict is Verdict.SAT:
+            _check_sat(q, r)
+
+
+@requires_marabou
+def test_marabou_agrees_with_milp(pair_queries, milp_results) -> None:
+    v = create_verifier("marabou")
+    both = 0
+    for q, m in zip(pair_queries, milp_results, strict=True):
+        r = v.verify(q, time_limit_s=60)
+        assert r.verdict is not Verdict.ERROR, r.message
+        if r.verdict.decided:
+            both += 1
+            assert r.verdict is m.verdict, (q.describe(), r.message, m.message)
+            if r.verdict is Verdict.SAT:
+                _check_sat(q, r)
+    assert both > 0
+
+
+def test_portfolio_agrees_with_milp(pair_queries, milp_results) -> None:
+    p = create_verifier("portfolio")
+    stages = set()
+    for q, m in zip(pair_queries, milp_results, strict=True):
+        r = p.verify(q, time_limit_s=60)
+        assert r.verdict is m.verdict
+        stages.add(r.details["stage"])
+        if r.verdict is Verdict.SAT:
+            _check_sat(q, r)
+    assert "bounds" in stages and "attack" in stages
+
+
+def test_attacks_never_break_unsat(pair_queries, milp_results) -> None:
+    atk = AttackVerifier(attacks=("ga1", "ga2", "ga3", "pgd"), steps=30, restarts=2)
+    for q, m in zip(pair_queries, milp_results, strict=True):
+        r = atk.verify(q, time_limit_s=10)
+        assert r.verdict in (Verdict.SAT, Verdict.TIMEOUT)
+        if m.verdict is Verdict.UNSAT:
+            assert r.verdict is not Verdict.SAT
+
+
+def test_bounds_never_contradict_milp(pair_queries, milp_results) -> None:
+    b = create_verifier("bounds")
+    for q, m in zip(pair_queries, milp_results, strict=True):
+        r = b.verify(q, time_limit_s=1)
+        assert r.verdict in (Verdict.UNSAT, Verdict.TIMEOUT)
+        if r.verdict is Verdict.UNSAT:
+            assert m.verdict is Verdict.UNSAT
+
+
+def test_runner_up_can_only_report_sat(pair_queries, milp_results) -> None:
+    v = MilpVerifier()
+    for q, m in zip(pair_queries[:8], milp_results[:8], strict=True):
+        ru = make_query(q.models, q.x0, q.eps, q.label, runner_up=True, nets=q.nets)
+        r = v.verify(ru, time_limit_s=30)
+        assert r.verdict is not Verdict.UNSAT
+        if r.verdict is Verdict.SAT:
+            assert m.verdict is Verdict.SAT  # a runner-up witness is a real mutual error
+
+
+def _small_pair(seed: int):
+    torch.manual_seed(seed)
+    return [torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.ReLU(), torch.nn.Linear(4, 3)).eval()
+            for _ in range(2)]
+
+
+@pytest.mark.parametrize("kind", ["mutual-error", "mean-logits", "majority"])
+def test_smt_and_milp_agree_on_small_networks(kind: str) -> None:
+    pytest.importorskip("z3")
+    decided = 0
+    for seed in range(6):
+        models = _small_pair(seed)
+        nets = [to_ir(m, in_shape=(3,)) for m in models]
+        x0 = np.array([0.5, 0.4, 0.6])
+        label = int(np.argmax(nets[0].forward(x0)))
+        for eps in (0.05, 0.3):
+            q = make_query(models, x0, eps, label, kind=kind, nets=nets)
+            a = MilpVerifier().verify(q, time_limit_s=30)
+            b = create_verifier("smt").verify(q, time_limit_s=30)
+            assert a.verdict.decided
+            if b.verdict.decided:
+                decided += 1
+                assert a.verdict is b.verdict
+            for r in (a, b):
+                if r.verdict is Verdict.SAT:
+                    assert recheck(q, r.counterexample)[0] is not None
+    assert decided > 0
+
+
+def test_toy_network_query() -> None:
+    """Fig. 1's network labels [1, -5] as class 0 (output [6, 3]); a ball of radius 0.5 keeps it."""
+    net = toy_network()
+    nets = [to_ir(net, in_shape=(2,))]
+    q = make_query([net], np.array([1.0, -5.0]), 0.5, 0, nets=nets, input_bounds=(-10.0, 10.0))
+    assert MilpVerifier().verify(q, time_limit_s=10).verdict is Verdict.UNSAT
+    # radius 3: class 1 can only tie with class 0 (both logits 0 when x1 <= 0): not a proof either way
+    q = make_query([net], np.array([1.0, -5.0]), 3.0, 0, nets=nets, input_bounds=(-10.0, 10.0))
+    r = MilpVerifier().verify(q, time_limit_s=10)
+    assert r.verdict is Verdict.ERROR and "tie" in r.message
+    # radius 5.5: x = [0.1, 0.5] gives logits [1.8, 2.7]
+    q = make_query([net], np.array([1.0, -5.0]), 5.5, 0, nets=nets, input_bounds=(-10.0, 10.0))
+    r = MilpVerifier().verify(q, time_limit_s=10)
+    assert r.verdict is Verdict.SAT and r.details["member_labels"] == [1]
+
+
+def test_mean_prob_ensembles_are_rejected() -> None:
+    with pytest.raises(PhalanxError, match="not piecewise linear"):
+        ensemble_kind("mean-prob")
+    assert ensemble_kind("mean-logits") is QueryKind.MEAN_LOGITS
+
+
+def test_registry_and_lazy_imports() -> None:
+    assert {"milp", "marabou", "smt", "bounds", "attack", "portfolio"} <= set(BACKENDS.names())
+    with pytest.raises(PhalanxError, match="known"):
+        create_verifier("gurobi")
+
+
+def test_bad_queries_are_rejected(tiny_mlp_pair, digits) -> None:
+    ms = list(tiny_mlp_pair.members)
+    with pytest.raises(PhalanxError, match="label"):
+        make_query(ms, digits.val.x[0], 0.1, 12)
+    with pytest.raises(PhalanxError, match="eps"):
+        make_query(ms, digits.val.x[0], -0.1, 1)
+    with pytest.raises(PhalanxError, match="quorum"):
+        make_query(ms, digits.val.x[0], 0.1, 1, quorum=3)
