@@ -115,6 +115,7 @@ def main() -> None:
     a_adv = FastGradientMethod(clf, norm=np.inf, eps=eps, batch_size=bs).generate(xn, yn)
     a_fgsm = accuracy(ens, torch.from_numpy(a_adv), y)
     rows.append({"attack": "FGSM", "n": len(x), "phalanx": p_fgsm, "art": a_fgsm})
+    print(f"FGSM: phalanx {p_fgsm:.4f}, ART {a_fgsm:.4f}", flush=True)
 
     # PGD-50, step eps/5, one random start; interleaved timing repeats
     p_times, a_times, p_accs, a_accs = [], [], [], []
@@ -133,6 +134,7 @@ def main() -> None:
                  "art": statistics.mean(a_accs), "phalanx_runs": p_accs, "art_runs": a_accs})
     thr_p = len(x) / statistics.median(p_times)
     thr_a = len(x) / statistics.median(a_times)
+    print(f"PGD: phalanx {p_accs}, ART {a_accs}; throughput ratio {thr_p / thr_a:.2f}", flush=True)
 
     if not args.skip_autoattack:
         xa, ya = x[:args.n_autoattack], y[:args.n_autoattack]

@@ -93,7 +93,7 @@ TABLE3_IDS = {3, 9, 10, 12, 13, 14, 19, 20, "x1", "x2", "x3", "x4"}
 def cell(res: RandomizedAttackResult | None) -> dict[str, Any]:
     if res is None:
         return {"time": None, "value": None, "verdict": None}
-    return {"time": round(res.wall_time_s, 2), "value": res.value, "upper_bound": res.upper_bound,
+    return {"time": round(res.wall_time_s, 2), "value": res.value, "num_attacks": res.num_attacks, "upper_bound": res.upper_bound,
             "verdict": res.verdict.value, "status": res.status, "attacks_used": len(res.probabilities),
             "rechecked": res.rechecked, "stats": {k: v for k, v in res.stats.items()
                                                    if k in ("num_binaries", "pattern_queries", "pattern_solver",
@@ -149,9 +149,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             rec["smt"] = cell(randomized_attack(members, x, y, RandomizedAttackConfig(
                 **base, backend="smt", objective="feasibility", time_limit_s=args.smt_limit)))
         rec["milp"] = cell(randomized_attack(members, x, y, RandomizedAttackConfig(
-            **base, backend="milp", objective="max-min" if scale else "feasibility", time_limit_s=args.milp_limit)))
+            **base, backend="milp", objective="max-min" if scale else "feasibility",
+            time_limit_s=args.scale_limit if scale else args.milp_limit)))
         dec = randomized_attack(members, x, y, RandomizedAttackConfig(
-            **base, backend="decomposition", objective="max-min", time_limit_s=args.dec_limit))
+            **base, backend="decomposition", objective="max-min",
+            time_limit_s=args.scale_limit if scale else args.dec_limit))
         rec["decomposition"] = cell(dec)
         if row["id"] in TABLE3_IDS:
             comp = comparison_attackers(members, x, y, RandomizedAttackConfig(**base, time_limit_s=args.dec_limit))
@@ -166,7 +168,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     return {"rows": out, "total_time_s": time.perf_counter() - t_all,
             "machine": {"python": platform.python_version(), "torch": torch.__version__,
                         "cpu": platform.processor() or platform.machine()},
-            "limits": {"smt": args.smt_limit, "milp": args.milp_limit, "decomposition": args.dec_limit}}
+            "limits": {"smt": args.smt_limit, "milp": args.milp_limit, "decomposition": args.dec_limit,
+                       "scale": args.scale_limit}}
 
 
 def tables(doc: dict[str, Any]) -> str:
@@ -180,7 +183,7 @@ def tables(doc: dict[str, Any]) -> str:
         dt = f"{d['time']:.2f}" if d["verdict"] != "unknown" else f"{TO} ({d['time']:.0f})"
         dv = "-" if d["value"] is None else f"{d['value']:.3f}"
         p = r["paper"]
-        a = r["A"] if r["A"] is not None else f"auto={d.get('attacks_used')}"
+        a = r["A"] if r["A"] is not None else f"auto ({d.get('num_attacks')})"
         lines.append(f"| {r['id']} | {r['pair'][0]}_{r['pair'][1]} | {r['C']} | {a} | {r['X']} | {r['alpha']} | "
                      f"{r['eps']} | {paper(p['smt']) if p.get('smt') else 'n/a'} | "
                      f"{paper(p['milp']) if p.get('milp') else 'n/a'} | {st} | {sv} | {mt} | {mv} | {dt} | {dv} | "
@@ -211,6 +214,7 @@ def main() -> None:
     ap.add_argument("--smt-limit", type=float, default=15.0)
     ap.add_argument("--milp-limit", type=float, default=45.0)
     ap.add_argument("--dec-limit", type=float, default=60.0)
+    ap.add_argument("--scale-limit", type=float, default=120.0, help="limit for the scaling rows")
     ap.add_argument("--quick", action="store_true", help="three rows only (smoke test)")
     ap.add_argument("--no-scale", action="store_true", help="skip the scaling rows")
     ap.add_argument("--out", default="benchmarks/out/randomized_attacks.json")

@@ -32,7 +32,7 @@ import torch
 from phalanx import Ensemble, create_model, load_dataset
 from phalanx.attacks import bim, fgsm, mim, pgd, rfgsm
 from phalanx.data import DatasetSplits, Split
-from phalanx.ensembles import save_ensemble
+from phalanx.ensembles import load_ensemble, save_ensemble
 from phalanx.evaluation import transferability_matrix
 from phalanx.training import METHODS, TrainConfig, create_method, fit
 from phalanx.types import Norm, ThreatModel
@@ -88,12 +88,17 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--skip-cost", action="store_true")
     ap.add_argument("--data-dir", default=str(ROOT.parent / "shared" / "data" / "mnist"))
+    ap.add_argument("--dverge-eps", type=float, default=None,
+                    help="only: DVERGE with this distillation eps from the saved baseline of a full run")
     args = ap.parse_args()
     torch.set_num_threads(1)
     OUT.mkdir(parents=True, exist_ok=True)
 
     full = load_dataset("mnist", data_dir=Path(args.data_dir), seed=args.seed)
     data = dataclasses.replace(full, train=full.train.subset(args.train_size), val=full.val.subset(500))
+    if args.dverge_eps is not None:
+        dverge_eps_run(full, data, args)
+        return
     x_test, y_test = full.test.x[: args.test_size], full.test.y[: args.test_size]
     # bogun2022 sec. 4.2: Adam, lr 1e-3, weight decay 1e-4, batch 128 for every method
     def cfg(epochs: int) -> TrainConfig:
@@ -157,6 +162,32 @@ def main() -> None:
                "whitebox_eps0.3": whitebox, "pgd_eps0.1": pgd_small, "transfer": transfer, "cost": cost}
     (OUT / "training_methods.json").write_text(json.dumps(payload, indent=1))
     print_tables(payload)
+
+
+def dverge_eps_run(full: DatasetSplits, data: DatasetSplits, args: argparse.Namespace) -> None:
+    """DVERGE at another distillation eps, fine-tuned from the full run's saved baseline."""
+    base = load_ensemble(OUT / "training_methods" / "baseline.pt")
+    ens = copy.deepcopy(base)
+    eps, step = args.dverge_eps, args.dverge_eps / 10  # 10 steps of eps/10, as the default 0.07 / 0.007
+    cfg = TrainConfig(epochs=args.finetune_epochs, batch_size=128, optimizer="adam", lr=1e-3, weight_decay=1e-4,
+                      schedule="constant", seed=args.seed, device="cpu")
+    t0 = time.perf_counter()
+    res = fit(ens, create_method("dverge", eps=eps, step_size=step), data, cfg, progress=False)
+    ens.eval()
+    pool = Split(full.test.x[: args.transfer_size * 2], full.test.y[: args.transfer_size * 2])
+    out: dict[str, Any] = {"dverge_eps": eps, "wall_s": round(time.perf_counter() - t0, 1), "history": res.history,
+                           "whitebox_eps0.3": accuracy_under(ens, full.test.x[: args.test_size],
+                                                             full.test.y[: args.test_size], 0.3, args.seed),
+                           "transfer": {}}
+    for name, e in (("baseline", base), (f"dverge(eps={eps:g})", ens)):
+        out["transfer"][name] = {str(t): transferability_matrix(e, pool, t, restarts=5, limit=args.transfer_size,
+                                                                generator=torch.Generator().manual_seed(args.seed))
+                                 for t in (0.03, 0.1, 0.2)}
+    (OUT / f"training_methods_dverge_eps{eps:g}.json").write_text(json.dumps(out, indent=1))
+    print("| ensemble | eps 0.03 | eps 0.1 | eps 0.2 |\n|---|---|---|---|")
+    for name, t in out["transfer"].items():
+        print(f"| {name} | " + " | ".join(f"{100 * v['mean_pairwise']:.1f}" for v in t.values()) + " |")
+    print("white-box eps 0.3:", {k: round(100 * v, 1) for k, v in out["whitebox_eps0.3"].items()})
 
 
 def per_epoch_cost(full: DatasetSplits, args: argparse.Namespace, m: int) -> dict[str, Any]:

@@ -109,7 +109,8 @@ def randomized_attack_cmd(checkpoints: tuple[str, ...], members: str | None, dat
         names = {"uniform": "uniform attacker (UA)", "best_deterministic": "best deterministic attacker (BDA)"}
         doc["comparison"] = {names[k_]: r.to_json() for k_, r in comparison_attackers(models, x, y, config).items()}
     (run_dir / "results.json").write_text(json.dumps(doc, indent=1))
-    img = plot_attacks(doc["result"], x.double().numpy(), run_dir / "attacks.png")
+    img = plot_attacks(doc["result"], x.double().numpy(), run_dir / "attacks.png",
+                       labels=[data.class_names[int(v)] for v in y])
     (run_dir / "report.md").write_text(render_report(doc, image=img.name if img else None))
     val = "-" if res.value is None else f"{res.value:.4f}"
     click.echo(f"verdict {res.verdict.value}; Val {val}; upper bound {res.upper_bound}; "

@@ -124,9 +124,11 @@ def build_milp(query: Query, qb: QueryBounds, *, objective_target: float | None 
     outs = [encode_network(m, net, x, nb) for net, nb in zip(query.nets, qb.nets, strict=True)]
     y = np.concatenate(outs)
     groups = query.groups()
-    t_hi = max(0.0, max(float(u.max()) for u in qb.disjunct_upper))
-    t = m.add_var(0.0, t_hi)
     all_required = query.required == len(groups)
+    # t <= the margin of every active group, so t <= the q-th largest of the groups' best upper bounds
+    best = sorted((float(u.max()) for u in qb.disjunct_upper), reverse=True)
+    t_hi = max(0.0, best[query.required - 1])
+    t = m.add_var(0.0, t_hi)
     actives = []
     for g, up, low in zip(groups, qb.disjunct_upper, qb.disjunct_lower, strict=True):
         keep = [i for i in range(len(g)) if up[i] >= -BOUND_TOL]  # a disjunct that cannot reach 0 never holds

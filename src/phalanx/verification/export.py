@@ -88,6 +88,10 @@ def vnnlib_text(query: Query) -> str:
 def export_query(query: Query, out_dir: str | Path, *, name: str = "query") -> dict[str, Any]:
     """Write ``<name>.onnx`` (composite), ``<name>.member<i>.onnx``, ``<name>.vnnlib`` and a JSON
     description into ``out_dir``; returns the paths."""
+    try:
+        import onnx  # noqa: F401  (torch.onnx.export writes through it)
+    except ImportError:
+        raise PhalanxError("exporting ONNX needs the onnx package: pip install 'phalanx[marabou]'") from None
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     shape = query.nets[0].in_shape

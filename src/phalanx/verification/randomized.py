@@ -120,8 +120,10 @@ class _Run:
         else:
             attacks = np.zeros((0, *self.x.shape))
             probs = np.zeros(0)
-        if upper is not None and value is not None:
-            upper = max(upper, value)
+        if upper is not None and value is not None and value > upper + PROOF_TOL:
+            # a real attack beats the "proven" bound: the bound is wrong, so it proves nothing
+            self.notes.append(f"re-checked Val {value:.6g} exceeds the solver's upper bound {upper:.6g}; bound dropped")
+            upper = None
         if value is not None and value >= cfg.alpha - VALUE_TOL:
             verdict = Verdict.NOT_ROBUST
         elif proven_below_alpha or (upper is not None and upper < cfg.alpha - PROOF_TOL):

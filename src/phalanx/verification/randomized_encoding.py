@@ -86,7 +86,8 @@ def add_misclassified(model: MilpModel, net: NetworkIR, xv: np.ndarray, enc: Enc
     With ``margin_var`` (a variable ``m`` in ``[0, margin]``) the margin is ``m`` instead of the
     constant: ``z_r - z_y >= m``, so a model can maximise the smallest margin of several networks."""
     z = encode_network(model, net, xv, enc.bounds)
-    live = [k for k in range(enc.wrong.size) if enc.diff_hi[k] >= margin]
+    need = 0.0 if margin_var is not None else margin  # m may be 0: only bounds < 0 rule a label out
+    live = [k for k in range(enc.wrong.size) if enc.diff_hi[k] >= need]
     if not live:
         if indicator is None:
             v = model.add_var(0.0, 0.0)  # infeasible on purpose: the bounds proved it

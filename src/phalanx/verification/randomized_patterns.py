@@ -165,18 +165,18 @@ class PatternSolver:
         return ("feasible", w, "milp-margin") if w is not None else ("unknown", None, "tie-only")
 
     def witness_with_margin(self, j: int, subset: Pattern, deadline: float) -> np.ndarray | None:
-        """A witness for ``subset`` at point ``j`` that re-checks in float64 PyTorch: solve with
-        the attack margin, growing it x10 twice when solver tolerances (big-M times integrality
-        tolerance) eat it; None when no margin works in time."""
+        """A witness for ``subset`` at point ``j`` that re-checks in float64 PyTorch: maximise the
+        margin up to 10x the attack margin, then demand 100x when solver tolerances (big-M times
+        integrality tolerance) ate it; None when no margin works in time."""
         y = int(self.y[j])
-        for margin in (self.cfg.margin, 10 * self.cfg.margin, 100 * self.cfg.margin):
+        for margin, maximize in ((10 * self.cfg.margin, True), (100 * self.cfg.margin, False)):
             left = deadline - time.perf_counter()
             if margin <= 0 or left <= 0:
                 break
-            status, w = self.solve_subset(j, subset, margin, left)
+            status, w = self.solve_subset(j, subset, margin, left, maximize=maximize)
             if w is not None and subset <= fooled_set(self.clf, w, y):
                 return w
-            if status != "feasible":
+            if status not in ("feasible", "optimal"):
                 break
         return None
 

@@ -13,7 +13,7 @@ from phalanx.reports.markdown import table
 
 
 def plot_attacks(doc: Mapping[str, Any], x: np.ndarray, path: str | Path, *,
-                 in_shape: Sequence[int] | None = None) -> Path | None:
+                 in_shape: Sequence[int] | None = None, labels: Sequence[str] | None = None) -> Path | None:
     """Grid: first row the clean points, then one row per attack (its probability and, per
     image, the classifiers it fools). Only image-shaped inputs (C, H, W) are drawn."""
     from phalanx.reports.plots import _plt
@@ -36,7 +36,7 @@ def plot_attacks(doc: Mapping[str, Any], x: np.ndarray, path: str | Path, *,
         ax.set_yticks([])
 
     for j in range(n):
-        show(axes[0][j], x[j], f"x{j} (clean)")
+        show(axes[0][j], x[j], f"x{j} (clean)" + (f", label {labels[j]}" if labels is not None else ""))
     for i in range(a):
         for j in range(n):
             fooled = [str(c) for c in range(losses.shape[1]) if losses[i, c, j]]
@@ -70,7 +70,7 @@ def render_report(doc: Mapping[str, Any], *, image: str | None = None) -> str:
         "attack and probabilities; `upper bound` is proven (bounds, infeasible models or closed gaps "
         "only). `robust` means no eps-bounded randomized attack reaches alpha; "
         "`robust-for-num-attacks` only covers attacks with at most |A| deterministic attacks.", "",
-        table(["attacker", "verdict", "Val", "upper bound", "|A| used", "|A|", "sufficient |A|", "status", "time (s)"],
+        table(["attacker", "verdict", "Val", "upper bound", "attacks used", "A (asked)", "sufficient A", "status", "time (s)"],
               summary_rows({"optimal (" + main["backend"] + ")": main, **doc.get("comparison", {})})),
         "",
     ]

@@ -110,7 +110,11 @@ class ResultStore:
         if self.path is not None:
             self.path = Path(self.path)
             if self.path.is_file():
-                for n, line in enumerate(self.path.read_text().splitlines()):
+                text = self.path.read_text()
+                if text and not text.endswith("\n"):  # a write cut off by a kill: close the line
+                    with open(self.path, "a") as f:
+                        f.write("\n")
+                for n, line in enumerate(text.splitlines()):
                     if not line.strip():
                         continue
                     try:
