@@ -38,7 +38,7 @@ from phalanx.data import load_dataset
 from phalanx.ensembles import Ensemble
 from phalanx.models import create_model
 from phalanx.training import TrainConfig, create_method, fit
-from phalanx.types import ThreatModel
+from phalanx.types import Norm, ThreatModel
 
 ROOT = Path(__file__).resolve().parents[1]
 MNIST_DIR = ROOT.parent / "shared" / "data" / "mnist"
@@ -68,7 +68,7 @@ def phalanx_run(name: str, model: nn.Module, x: torch.Tensor, y: torch.Tensor, e
                 **kw: Any) -> torch.Tensor:
     atk = create_attack(name, **kw)
     gen = torch.Generator().manual_seed(0)
-    return torch.cat([atk(model, x[i:i + bs], y[i:i + bs], ThreatModel("linf", eps), generator=gen)
+    return torch.cat([atk(model, x[i:i + bs], y[i:i + bs], ThreatModel(Norm.LINF, eps), generator=gen)
                       for i in range(0, len(x), bs)])
 
 
@@ -83,14 +83,16 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--batch-size", type=int, default=250)
     ap.add_argument("--skip-autoattack", action="store_true")
+    ap.add_argument("--skip-fgsm-pgd", action="store_true")
+    ap.add_argument("--phalanx-components", default="apgd-ce,apgd-t,fab-t,square",
+                    help="phalanx AutoAttack components; apgd-ce,apgd-dlr,square matches ART's composition here")
+    ap.add_argument("--out-name", default="attacks_crosscheck.json")
     args = ap.parse_args()
     try:
         import art
         from art.attacks.evasion import (
             AutoAttack,
             AutoProjectedGradientDescent,
-            FastGradientMethod,
-            ProjectedGradientDescentPyTorch,
             SquareAttack,
         )
         from art.estimators.classification import PyTorchClassifier
@@ -105,20 +107,54 @@ def main() -> None:
     x, y = test.x, test.y
     clf = PyTorchClassifier(model=ens, loss=nn.CrossEntropyLoss(), input_shape=tuple(data.in_shape),
                             nb_classes=data.num_classes, clip_values=(0.0, 1.0), device_type="cpu")
-    xn, yn = x.numpy(), y.numpy()
     eps, bs = args.eps, args.batch_size
     rows: list[dict[str, Any]] = []
     clean = accuracy(ens, x, y)
 
-    # FGSM (deterministic on both sides)
+    thr_p = thr_a = float("nan")
+    p_times: list[float] = []
+    a_times: list[float] = []
+    if not args.skip_fgsm_pgd:
+        thr_p, thr_a = fgsm_pgd(args, ens, clf, x, y, rows, p_times, a_times)
+    if not args.skip_autoattack:
+        components = tuple(c for c in args.phalanx_components.split(",") if c)
+        xa, ya = x[:args.n_autoattack], y[:args.n_autoattack]
+        t = time.perf_counter()
+        p_aa_adv = phalanx_run("autoattack", ens, xa, ya, eps, bs, components=components)
+        p_aa_s = time.perf_counter() - t
+        print(f"phalanx AutoAttack {components}: {accuracy(ens, p_aa_adv, ya):.4f} in {p_aa_s:.0f} s", flush=True)
+        t = time.perf_counter()
+        art_parts = [
+            AutoProjectedGradientDescent(clf, norm=np.inf, eps=eps, eps_step=eps / 5, max_iter=100, targeted=False,
+                                         nb_random_init=1, batch_size=bs, loss_type=loss, verbose=False)
+            for loss in ("cross_entropy", "difference_logits_ratio")]
+        art_parts.append(SquareAttack(clf, norm=np.inf, eps=eps, max_iter=5000, p_init=0.8, nb_restarts=1,
+                                      batch_size=bs, verbose=False))
+        a_aa_adv = AutoAttack(clf, norm=np.inf, eps=eps, eps_step=eps / 5, attacks=art_parts,
+                              batch_size=bs).generate(xa.numpy(), ya.numpy())
+        a_aa_s = time.perf_counter() - t
+        rows.append({"attack": f"AutoAttack (phalanx: {', '.join(components)}; ART: APGD-CE, APGD-DLR, Square)",
+                     "n": len(xa), "phalanx": accuracy(ens, p_aa_adv, ya),
+                     "art": accuracy(ens, torch.from_numpy(a_aa_adv), ya), "phalanx_s": p_aa_s, "art_s": a_aa_s})
+        # phalanx's adversarial examples must be real: inside the ball and the box
+        assert float((p_aa_adv - xa).abs().max()) <= eps + 1e-6
+    finish(args, ens, x, clean, eps, train_s, rows, thr_p, thr_a, p_times, a_times, art.__version__)
+
+
+def fgsm_pgd(args: Any, ens: Ensemble, clf: Any, x: torch.Tensor, y: torch.Tensor, rows: list[dict[str, Any]],
+             p_times: list[float], a_times: list[float]) -> tuple[float, float]:
+    """FGSM (deterministic on both sides) and PGD-50 with interleaved timing repeats."""
+    from art.attacks.evasion import FastGradientMethod, ProjectedGradientDescentPyTorch
+
+    eps, bs = args.eps, args.batch_size
+    xn, yn = x.numpy(), y.numpy()
     p_fgsm = accuracy(ens, phalanx_run("fgsm", ens, x, y, eps, bs), y)
     a_adv = FastGradientMethod(clf, norm=np.inf, eps=eps, batch_size=bs).generate(xn, yn)
     a_fgsm = accuracy(ens, torch.from_numpy(a_adv), y)
     rows.append({"attack": "FGSM", "n": len(x), "phalanx": p_fgsm, "art": a_fgsm})
     print(f"FGSM: phalanx {p_fgsm:.4f}, ART {a_fgsm:.4f}", flush=True)
 
-    # PGD-50, step eps/5, one random start; interleaved timing repeats
-    p_times, a_times, p_accs, a_accs = [], [], [], []
+    p_accs, a_accs = [], []
     for _ in range(args.repeats):
         t = time.perf_counter()
         adv = phalanx_run("pgd", ens, x, y, eps, bs, steps=50, step_size=0.2)
@@ -135,27 +171,12 @@ def main() -> None:
     thr_p = len(x) / statistics.median(p_times)
     thr_a = len(x) / statistics.median(a_times)
     print(f"PGD: phalanx {p_accs}, ART {a_accs}; throughput ratio {thr_p / thr_a:.2f}", flush=True)
+    return thr_p, thr_a
 
-    if not args.skip_autoattack:
-        xa, ya = x[:args.n_autoattack], y[:args.n_autoattack]
-        t = time.perf_counter()
-        p_aa_adv = phalanx_run("autoattack", ens, xa, ya, eps, bs)
-        p_aa_s = time.perf_counter() - t
-        t = time.perf_counter()
-        art_parts = [
-            AutoProjectedGradientDescent(clf, norm=np.inf, eps=eps, eps_step=eps / 5, max_iter=100, targeted=False,
-                                         nb_random_init=1, batch_size=bs, loss_type=loss, verbose=False)
-            for loss in ("cross_entropy", "difference_logits_ratio")]
-        art_parts.append(SquareAttack(clf, norm=np.inf, eps=eps, max_iter=5000, p_init=0.8, nb_restarts=1,
-                                      batch_size=bs, verbose=False))
-        a_aa_adv = AutoAttack(clf, norm=np.inf, eps=eps, eps_step=eps / 5, attacks=art_parts,
-                              batch_size=bs).generate(xa.numpy(), ya.numpy())
-        a_aa_s = time.perf_counter() - t
-        rows.append({"attack": "AutoAttack", "n": len(xa), "phalanx": accuracy(ens, p_aa_adv, ya),
-                     "art": accuracy(ens, torch.from_numpy(a_aa_adv), ya), "phalanx_s": p_aa_s, "art_s": a_aa_s})
-        # phalanx's adversarial examples must be real: inside the ball and the box
-        assert float((p_aa_adv - xa).abs().max()) <= eps + 1e-6
 
+def finish(args: Any, ens: Ensemble, x: torch.Tensor, clean: float, eps: float, train_s: float,
+           rows: list[dict[str, Any]], thr_p: float, thr_a: float, p_times: list[float], a_times: list[float],
+           art_version: str) -> None:
     for r in rows:
         r["diff_pp"] = 100 * (r["phalanx"] - r["art"])
         r["within_1pp"] = abs(r["diff_pp"]) <= 1.0
@@ -163,9 +184,9 @@ def main() -> None:
               "eps": eps, "clean_accuracy": clean, "train_s": train_s, "rows": rows,
               "pgd_throughput": {"phalanx_ex_per_s": thr_p, "art_ex_per_s": thr_a, "ratio": thr_p / thr_a,
                                  "phalanx_s": p_times, "art_s": a_times},
-              "art_version": art.__version__, "torch": torch.__version__, "threads": torch.get_num_threads(),
+              "art_version": art_version, "torch": torch.__version__, "threads": torch.get_num_threads(),
               "argv": sys.argv}
-    out = ROOT / "benchmarks" / "out" / "attacks_crosscheck.json"
+    out = ROOT / "benchmarks" / "out" / args.out_name
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n")
     print(f"{result['model']} on {args.dataset}, eps {eps} (L-inf), clean accuracy {100 * clean:.1f}%\n")
@@ -175,8 +196,9 @@ def main() -> None:
         print(f"| {r['attack']} | {r['n']} | {100 * r['phalanx']:.1f}% | {100 * r['art']:.1f}% | "
               f"{r['diff_pp']:+.1f} pp | {'yes' if r['within_1pp'] else 'NO'} |")
     tp = result["pgd_throughput"]
-    print(f"\nPGD-50 throughput ({args.repeats} interleaved repeats, median): phalanx {tp['phalanx_ex_per_s']:.0f} ex/s, "
-          f"ART {tp['art_ex_per_s']:.0f} ex/s, ratio {tp['ratio']:.2f}")
+    if p_times:
+        print(f"\nPGD-50 throughput ({args.repeats} interleaved repeats, median): phalanx {tp['phalanx_ex_per_s']:.0f} ex/s, "
+              f"ART {tp['art_ex_per_s']:.0f} ex/s, ratio {tp['ratio']:.2f}")
     if not args.skip_autoattack:
         aa = rows[-1]
         print(f"AutoAttack wall time: phalanx {aa['phalanx_s']:.0f} s, ART {aa['art_s']:.0f} s")

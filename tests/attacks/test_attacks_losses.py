@@ -147,3 +147,21 @@ def test_ga3_finds_joint_errors_that_single_member_pgd_misses(mlp_ensemble, digi
         single = all_members_fooled(pair.member_logits(adv_single), y)
     assert bool((joint & ~single).any())
     assert joint.sum() > single.sum()
+
+
+@pytest.mark.parametrize("name", ["fgsm", "pgd", "bim", "mim"])
+def test_l2_gradient_attacks_stay_in_the_l2_ball(name, mlp_ensemble, digits):
+    x, y = digits.test.x[:32], digits.test.y[:32]
+    atk = create_attack(name, **({"steps": 5} if name != "fgsm" else {}))
+    adv = atk(mlp_ensemble, x, y, ThreatModel("l2", 1.0), generator=torch.Generator().manual_seed(0))
+    assert float((adv - x).flatten(1).norm(dim=1).max()) <= 1.0 + 1e-5
+    assert float(adv.min()) >= 0.0 and float(adv.max()) <= 1.0
+    with torch.no_grad():
+        assert (mlp_ensemble(adv).argmax(-1) == y).float().mean() < (mlp_ensemble(x).argmax(-1) == y).float().mean()
+
+
+def test_query_attacks_reject_l2(mlp_ensemble, digits):
+    x, y = digits.test.x[:4], digits.test.y[:4]
+    for name in ("square", "signhunter", "apgd-ce", "distill"):
+        with pytest.raises(PhalanxError, match="L-inf"):
+            create_attack(name)(mlp_ensemble, x, y, ThreatModel("l2", 1.0))

@@ -171,3 +171,16 @@ def test_bad_queries_are_rejected(tiny_mlp_pair, digits) -> None:
         make_query(ms, digits.val.x[0], -0.1, 1)
     with pytest.raises(PhalanxError, match="quorum"):
         make_query(ms, digits.val.x[0], 0.1, 1, quorum=3)
+
+
+def test_importable_without_optional_backends(tiny_mlp_pair, digits, monkeypatch) -> None:
+    """z3 and maraboupy missing: the package imports, and using them gives an install hint."""
+    import sys
+
+    monkeypatch.setitem(sys.modules, "z3", None)
+    monkeypatch.setitem(sys.modules, "maraboupy", None)
+    q = make_query(list(tiny_mlp_pair.members), digits.val.x[0], 0.3, int(digits.val.y[0]))
+    with pytest.raises(PhalanxError, match=r"phalanx\[smt\]"):
+        create_verifier("smt").verify(q, time_limit_s=5)
+    with pytest.raises(PhalanxError, match=r"phalanx\[marabou\]"):
+        create_verifier("marabou").verify(q, time_limit_s=5)
