@@ -108,7 +108,7 @@ def show(c: dict[str, Any], feasibility: bool = True) -> tuple[str, str]:
     if v == "unknown" and (c["value"] is None or not feasibility):
         return f"{TO} ({c['time']:.0f})", "-"
     if v in ("robust", "robust-for-num-attacks"):
-        tag = "robust" if v == "robust" else "robust (|A|)"
+        tag = "robust" if v == "robust" else "robust (A)"
         return f"{c['time']:.2f}", tag if feasibility else f"{c['value'] or 0:.2f} ({tag})"
     return f"{c['time']:.2f}", "-" if c["value"] is None else f"{c['value']:.2f}"
 

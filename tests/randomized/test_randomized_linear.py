@@ -11,7 +11,13 @@ import torch
 from torch import nn
 
 from phalanx.errors import PhalanxError
-from phalanx.verification.randomized import RandomizedAttackConfig, Verdict, comparison_attackers, randomized_attack
+from phalanx.verification.randomized import (
+    RandomizedAttackConfig,
+    Verdict,
+    comparison_attackers,
+    fooling_patterns,
+    randomized_attack,
+)
 from phalanx.verification.randomized_problem import recheck_attack
 
 HAS_Z3 = importlib.util.find_spec("z3") is not None
@@ -197,3 +203,12 @@ def test_multiclass_smt() -> None:
     assert res.verdict is Verdict.NOT_ROBUST and res.value == pytest.approx(0.5)
     no = randomized_attack(clfs, x, y, cfg(eps=1.5, alpha=0.75, num_attacks=2, backend="smt", objective="feasibility"))
     assert no.verdict is Verdict.ROBUST and no.value is None  # |A| = 2 = |C| is sufficient
+
+
+def test_fooling_patterns_figure1() -> None:
+    clfs, x, y = figure1()
+    (pp,) = fooling_patterns(clfs, x, y, cfg())
+    assert pp.complete and pp.lower() == [frozenset({0}), frozenset({1})]
+    assert frozenset({0, 1}) in pp.infeasible
+    w = pp.witness(frozenset({0}))
+    assert np.abs(w - x.numpy()[0]).sum() <= 2.0 + 1e-12 and w[0] <= -1.0

@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import time
 from abc import ABC, abstractmethod
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -113,11 +114,16 @@ class BoundsVerifier(Verifier):
         return self._result(Verdict.TIMEOUT, t0, message="bounds inconclusive (incomplete method)")
 
 
-def build_milp(query: Query, qb: QueryBounds, *, objective_target: float | None = MARGIN) -> tuple[MilpModel, np.ndarray, int]:
+def build_milp(query: Query, qb: QueryBounds, *, objective_target: float | None = MARGIN,
+               restrict: Sequence[Sequence[int] | None] | None = None) -> tuple[MilpModel, np.ndarray, int]:
     """The query as a MILP: maximise ``t`` subject to ``t <= c . Y`` for the chosen disjunct of
     every active group, at least ``quorum`` groups active, ``t >= 0``. Feasible iff some input in
     the box satisfies the property with non-strict inequalities (a superset of the true errors),
-    so infeasibility proves UNSAT; the optimum ``t*`` is the best worst-case margin."""
+    so infeasibility proves UNSAT; the optimum ``t*`` is the best worst-case margin.
+
+    ``restrict`` (one entry per group, ``None`` = all) keeps only the listed disjuncts of a
+    group: the model is then one case of a case split, and its infeasibility rules out only
+    that case (see :func:`split_cases`)."""
     m = MilpModel()
     lo, hi = query.box()
     x = m.add_vars(lo, hi)
@@ -125,13 +131,17 @@ def build_milp(query: Query, qb: QueryBounds, *, objective_target: float | None 
     y = np.concatenate(outs)
     groups = query.groups()
     all_required = query.required == len(groups)
+    allowed = [set(range(len(g))) if restrict is None or restrict[k] is None else set(restrict[k])  # type: ignore[arg-type]
+               for k, g in enumerate(groups)]
     # t <= the margin of every active group, so t <= the q-th largest of the groups' best upper bounds
-    best = sorted((float(u.max()) for u in qb.disjunct_upper), reverse=True)
+    best = sorted((max((float(u[i]) for i in a), default=-1.0) for u, a in zip(qb.disjunct_upper, allowed, strict=True)),
+                  reverse=True)
     t_hi = max(0.0, best[query.required - 1])
     t = m.add_var(0.0, t_hi)
     actives = []
-    for g, up, low in zip(groups, qb.disjunct_upper, qb.disjunct_lower, strict=True):
-        keep = [i for i in range(len(g)) if up[i] >= -BOUND_TOL]  # a disjunct that cannot reach 0 never holds
+    for g, up, low, a in zip(groups, qb.disjunct_upper, qb.disjunct_lower, allowed, strict=True):
+        # a disjunct that cannot reach 0 never holds
+        keep = [i for i in range(len(g)) if up[i] >= -BOUND_TOL and i in a]
         if not keep:
             if all_required:
                 m.add_row([t], [1.0], -np.inf, -1.0)  # infeasible: this group can never hold

@@ -42,6 +42,7 @@ from phalanx.verification.randomized_math import (
     prop1_attack_bound,
     sufficient_num_attacks,
 )
+from phalanx.verification.randomized_patterns import PointPatterns
 from phalanx.verification.randomized_problem import (
     BACKENDS,
     VALUE_TOL,
@@ -59,8 +60,8 @@ log = logging.getLogger(__name__)
 PROOF_TOL = 1e-6  # a solver's upper bound must be below alpha by this much to claim robustness
 
 __all__ = [
-    "BACKENDS", "PatternAttack", "RandomizedAttackConfig", "RandomizedAttackResult", "Verdict",
-    "comparison_attackers", "expected_losses", "misclassification_value", "optimal_pattern_attack",
+    "BACKENDS", "PatternAttack", "PointPatterns", "RandomizedAttackConfig", "RandomizedAttackResult", "Verdict",
+    "comparison_attackers", "expected_losses", "fooling_patterns", "misclassification_value", "optimal_pattern_attack",
     "prop1_attack_bound", "randomized_attack", "recheck_attack", "sufficient_num_attacks",
 ]
 
@@ -289,6 +290,24 @@ def randomized_attack(
     if config.backend == "milp":
         return run.milp()
     return run.smt()
+
+
+def fooling_patterns(
+    classifiers: Sequence[nn.Module], x: torch.Tensor | np.ndarray, y: torch.Tensor | np.ndarray | Sequence[int],
+    config: RandomizedAttackConfig, *, progress: bool = False,
+) -> list[PointPatterns]:
+    """Per point, which subsets of the classifiers one eps-bounded perturbation fools together
+    (with a witness for each feasible pattern): the network part of the decomposition."""
+    from phalanx.verification.randomized_patterns import enumerate_patterns
+
+    xa, ya = _as_arrays(x, y, config)
+    run = _Run(classifiers, xa, ya, config, progress)
+    it: Any = range(run.n)
+    if progress:
+        from tqdm import tqdm
+
+        it = tqdm(it, desc="fooling patterns", unit="point")
+    return [enumerate_patterns(run.solver, j, run.deadline) for j in it]
 
 
 def comparison_attackers(
