@@ -37,7 +37,9 @@ class AdversarialTraining(TrainingMethod):
     output (DVERGE appendix A: 10 steps of 2/255 in 8/255, adversarial examples w.r.t. the whole
     ensemble; the repository's ``train_adv.py`` trains on the adversarial batch only).
     ``clean_weight > 0`` adds ``clean_weight * sum_m CE(f_m(x), y)``. Generation runs in train
-    mode by default, as the reference.
+    mode by default, as the reference. The examples are generated once per batch before the
+    update, so each member's loss depends on that member only and the loop's single optimizer
+    step equals the reference's per-member optimizers.
     """
 
     name: ClassVar[str] = "advt"

@@ -52,9 +52,6 @@ class MilpModel:
     _obj: dict[int, float] = field(default_factory=dict)
     sense: str = "min"
     objective_target: float | None = None
-    #: stop as soon as an incumbent's objective is strictly better than this (status 'target'):
-    #: a feasibility question needs one solution, not the optimum; the caller re-checks it
-    stop_above: float | None = None
     #: extra HiGHS options (name -> value), e.g. ``{"presolve": "off"}``
     options: dict[str, object] = field(default_factory=dict)
 
@@ -110,7 +107,11 @@ class MilpModel:
         self._obj = {int(i): float(c) for i, c in zip(np.asarray(idx).tolist(), np.asarray(coef).tolist(), strict=True)}
 
     def solve(self, time_limit_s: float, *, threads: int = 1) -> MilpOutcome:
-        """Solve with gap 0 (``mip_rel_gap = mip_abs_gap = 0``) within ``time_limit_s`` seconds."""
+        """Solve with gap 0 (``mip_rel_gap = mip_abs_gap = 0``) within ``time_limit_s`` seconds.
+
+        With ``objective_target`` set, HiGHS stops at the first incumbent reaching it (status
+        'target'): a feasibility question needs one solution, not the optimum. ``options`` are
+        passed to HiGHS as they are (a rejected name or value raises ``PhalanxError``)."""
         import highspy
 
         h = highspy.Highs()
@@ -122,21 +123,9 @@ class MilpModel:
         if self.objective_target is not None:
             h.setOptionValue("objective_target", float(self.objective_target))
         for k, v in self.options.items():
-            h.setOptionValue(k, v)
-        found = [False]
-        if self.stop_above is not None and any(self.integer):
-            thr, sign = float(self.stop_above), (1.0 if self.sense == "max" else -1.0)
-
-            def improving(e: object) -> None:  # an incumbent better than the threshold: stop at the next check
-                if sign * float(e.data_out.objective_function_value) > sign * thr:  # type: ignore[attr-defined]
-                    found[0] = True
-
-            def interrupt(e: object) -> None:
-                if found[0]:
-                    e.data_in.user_interrupt = True  # type: ignore[attr-defined]
-
-            h.cbMipImprovingSolution.subscribe(improving)
-            h.cbMipInterrupt.subscribe(interrupt)
+            if h.setOptionValue(k, v) != highspy.HighsStatus.kOk:
+                raise PhalanxError(f"HiGHS rejected option {k}={v!r}; accepted: the options of HiGHS "
+                                   f"{h.version()} with values of their type")
         lp = highspy.HighsLp()
         n, m = self.num_vars, self.num_rows
         lp.num_col_, lp.num_row_ = n, m
@@ -170,8 +159,6 @@ class MilpModel:
         dual = float(info.mip_dual_bound) if any(self.integer) else objective
         kind = {S.kOptimal: "optimal", S.kInfeasible: "infeasible", S.kTimeLimit: "timeout",
                 S.kObjectiveTarget: "target"}.get(status, "error")
-        if status == S.kInterrupt and found[0] and has_sol:
-            kind = "target"
         return MilpOutcome(kind, values, objective, dual, float(info.mip_gap) if any(self.integer) else 0.0,
                            message=h.modelStatusToString(status), nodes=int(info.mip_node_count))
 
