@@ -66,6 +66,10 @@ def main() -> None:
     ap.add_argument("--timeout", type=float, default=60.0, help="per-query time limit (s)")
     ap.add_argument("--marabou-budget", type=float, default=600.0,
                     help="stop Marabou-alone after this many seconds; all backends are compared on that prefix")
+    ap.add_argument("--marabou-retry-timeout", type=float, default=120.0,
+                    help="re-run Marabou's timed-out timing queries with this limit (s), so its mean is less censored")
+    ap.add_argument("--marabou-retry-budget", type=float, default=480.0,
+                    help="stop the re-runs after this many seconds (the rest stay at the first limit)")
     ap.add_argument("--out", default=str(REPO / "benchmarks" / "out" / "verify_mnist.json"))
     args = ap.parse_args()
     torch.set_num_threads(1)
@@ -87,6 +91,7 @@ def main() -> None:
     random.Random(0).shuffle(specs)  # a budget-limited prefix still covers every eps and pair
     timing: dict[str, Any] = {}
     verdicts: dict[str, list[str]] = {}
+    marabou_recs: list[Any] = []
     runs: tuple[tuple[str, dict[str, Any]], ...] = (("marabou", {}), ("milp", {}), ("portfolio", {}))
     for backend, opts in runs:
         t0 = time.perf_counter()
@@ -96,6 +101,8 @@ def main() -> None:
                 break
             recs += run_queries(cands, pts, [s], backend=backend, options=opts, time_limit_s=args.timeout)
         specs = specs[:len(recs)]
+        if backend == "marabou":
+            marabou_recs = recs
         wall = time.perf_counter() - t0
         times = [r.result.wall_time_s for r in recs]
         verdicts[backend] = [r.result.verdict.value for r in recs]
@@ -107,6 +114,30 @@ def main() -> None:
                            "verdicts": {v: verdicts[backend].count(v) for v in sorted(set(verdicts[backend]))},
                            "decided_by": by_stage}
         print(f"{backend}: {timing[backend]}", flush=True)
+    # Marabou's timeouts again with a longer limit: its time per query is otherwise censored at
+    # --timeout; a re-run's time replaces the first attempt's (which is not added on top)
+    retried: list[dict[str, Any]] = []
+    m_times = [r.result.wall_time_s for r in marabou_recs]
+    m_verdicts = list(verdicts["marabou"])
+    t0 = time.perf_counter()
+    for i, r in enumerate(marabou_recs):
+        if r.result.verdict.value != "timeout":
+            continue
+        s = specs[i]
+        entry: dict[str, Any] = {"index": i, "members": list(s.members), "point": s.point, "eps": s.eps}
+        if time.perf_counter() - t0 < args.marabou_retry_budget:
+            rr = run_queries(cands, pts, [s], backend="marabou", time_limit_s=args.marabou_retry_timeout)[0].result
+            m_times[i], m_verdicts[i] = rr.wall_time_s, rr.verdict.value
+            entry.update(retry_verdict=rr.verdict.value, retry_s=rr.wall_time_s)
+        retried.append(entry)
+    key = f"marabou, timeouts re-run at {args.marabou_retry_timeout:g} s"
+    if retried:
+        timing[key] = {"queries": len(m_times), "total_s": sum(m_times), "mean_s": statistics.mean(m_times),
+                       "median_s": statistics.median(m_times), "max_s": max(m_times),
+                       "verdicts": {v: m_verdicts.count(v) for v in sorted(set(m_verdicts))},
+                       "decided_by": {"marabou": len(m_times)}, "retried": retried}
+        verdicts[key] = m_verdicts
+        print(f"{key}: {timing[key]}", flush=True)
     names = list(verdicts)
     agreement = {}
     for i, a in enumerate(names):
@@ -136,6 +167,9 @@ def main() -> None:
         "timing": timing, "agreement": agreement,
         "speedup_portfolio_vs_marabou": timing["marabou"]["mean_s"] / timing["portfolio"]["mean_s"],
         "speedup_portfolio_vs_milp": timing["milp"]["mean_s"] / timing["portfolio"]["mean_s"],
+        "speedup_portfolio_vs_marabou_median": timing["marabou"]["median_s"] / timing["portfolio"]["median_s"],
+        "speedup_portfolio_vs_marabou_retried": (timing[key]["mean_s"] / timing["portfolio"]["mean_s"]
+                                                 if retried else None),
         "scores": tab.to_json(), "scores_s": scores_s, "attack_comparison": comparison,
         "selection": sel.to_json(), "selection_s": select_s, "total_s": time.perf_counter() - t_all,
     }
@@ -154,7 +188,16 @@ def main() -> None:
     print(table(["pair of backends", "both decided", "disagreements"],
                 [[k, v["both_decided"], v["disagree"]] for k, v in agreement.items()]))
     print(f"\nportfolio speed-up: {result['speedup_portfolio_vs_marabou']:.1f}x vs Marabou alone, "
-          f"{result['speedup_portfolio_vs_milp']:.1f}x vs MILP alone (mean time per query)\n")
+          f"{result['speedup_portfolio_vs_milp']:.1f}x vs MILP alone (mean time per query); "
+          f"{result['speedup_portfolio_vs_marabou_median']:.1f}x vs Marabou by median")
+    if retried:
+        print(f"with Marabou's timeouts re-run at {args.marabou_retry_timeout:g} s: "
+              f"{result['speedup_portfolio_vs_marabou_retried']:.1f}x vs Marabou alone (mean)")
+        print(table(["query", "members", "point", "eps", f"re-run at {args.marabou_retry_timeout:g} s", "time s"],
+                    [[e["index"], " ".join(f"N{i}" for i in e["members"]), e["point"], e["eps"],
+                      e.get("retry_verdict", "not re-run (budget)"), f"{e['retry_s']:.1f}" if "retry_s" in e else "-"]
+                     for e in retried]))
+    print()
     print(tab.markdown([f"N{i}" for i in e1]))
     c = comparison
     print(table(["G.A. 1", "G.A. 2", "G.A. 3", "verification SAT", "verification UNSAT", "attack SAT on UNSAT"],

@@ -78,6 +78,33 @@ def test_portfolio_agrees_with_milp(pair_queries, milp_results) -> None:
     assert "bounds" in stages and "attack" in stages
 
 
+def test_heuristic_options_change_only_the_search(pair_queries, milp_results) -> None:
+    """The MILP backend's default HiGHS options (RINS/RENS off) and HiGHS's own defaults give
+    the same verdicts on every query; a SAT of either re-checks."""
+    from phalanx.verification.backends import FAST_HIGHS_OPTIONS
+
+    assert FAST_HIGHS_OPTIONS and MilpVerifier().highs_options == FAST_HIGHS_OPTIONS
+    v = MilpVerifier(highs_options={})
+    for q, m in zip(pair_queries, milp_results, strict=True):
+        r = v.verify(q, time_limit_s=60)
+        assert r.verdict is m.verdict, (q.describe(), r.message, m.message)
+        if r.verdict is Verdict.SAT:
+            _check_sat(q, r)
+
+
+def test_bad_highs_options_are_rejected() -> None:
+    from phalanx.verification.milp import MilpModel
+
+    m = MilpModel()
+    z = m.add_var(0.0, 1.0, integer=True)
+    m.set_objective([z], [1.0], "max")
+    assert m.solve(5).objective == 1.0
+    for opts in ({"no_such_option": 1}, {"mip_heuristic_run_rins": "often"}):
+        m.options = opts  # type: ignore[assignment]
+        with pytest.raises(PhalanxError, match="HiGHS rejected option"):
+            m.solve(5)
+
+
 def test_attacks_never_break_unsat(pair_queries, milp_results) -> None:
     atk = AttackVerifier(attacks=("ga1", "ga2", "ga3", "pgd"), steps=30, restarts=2)
     for q, m in zip(pair_queries, milp_results, strict=True):

@@ -30,7 +30,7 @@ BOUND_TOL = 1e-9
 #: nodes, measured with HiGHS 1.15's solving report) while the model is tiny in binaries (at
 #: most a few dozen) and an incumbent with ``t >= MARGIN`` already stops the search
 #: (``objective_target``); switching them off changes only the search, never what HiGHS proves.
-FAST_HIGHS_OPTIONS: dict[str, object] = {"mip_heuristic_run_rins": False, "mip_heuristic_run_rens": False}
+FAST_HIGHS_OPTIONS: dict[str, bool | int | float | str] = {"mip_heuristic_run_rins": False, "mip_heuristic_run_rens": False}
 
 
 class Verifier(ABC):
@@ -178,7 +178,7 @@ class MilpVerifier(Verifier):
 
     name = "milp"
 
-    def __init__(self, bounds: str = "linear", threads: int = 1, highs_options: dict[str, object] | None = None) -> None:
+    def __init__(self, bounds: str = "linear", threads: int = 1, highs_options: dict[str, bool | int | float | str] | None = None) -> None:
         self.bounds, self.threads = bounds, threads
         self.highs_options = dict(FAST_HIGHS_OPTIONS if highs_options is None else highs_options)
 

@@ -53,7 +53,7 @@ class MilpModel:
     sense: str = "min"
     objective_target: float | None = None
     #: extra HiGHS options (name -> value), e.g. ``{"presolve": "off"}``
-    options: dict[str, object] = field(default_factory=dict)
+    options: dict[str, bool | int | float | str] = field(default_factory=dict)
 
     @property
     def num_vars(self) -> int:
