@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import MNIST_DIR, requires_mnist
 from phalanx.data import iterate_batches, load_dataset, read_idx, write_idx
 from phalanx.errors import DataNotFoundError, PhalanxError
-from conftest import MNIST_DIR, requires_mnist
 
 
 def _rows(x: torch.Tensor) -> set[bytes]:
@@ -58,7 +58,7 @@ def test_limit_and_batches():
 
 
 def test_unknown_dataset_lists_known():
-    with pytest.raises(PhalanxError, match="known: .*digits.*mnist"):
+    with pytest.raises(PhalanxError, match=r"known: .*digits.*mnist"):
         load_dataset("imagenet")
 
 
@@ -90,7 +90,7 @@ def test_idx_datasets_from_files(tmp_path, name):
 
 
 def test_missing_files_error_lists_names(tmp_path):
-    with pytest.raises(DataNotFoundError, match="t10k-labels-idx1-ubyte.gz"):
+    with pytest.raises(DataNotFoundError, match=r"t10k-labels-idx1-ubyte\.gz"):
         load_dataset("mnist", data_dir=tmp_path, download=False)
     with pytest.raises(DataNotFoundError, match="data_batch_1"):
         load_dataset("cifar10", data_dir=tmp_path, download=False)

@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import itertools
+
 import pytest
 import torch
 
@@ -29,7 +31,7 @@ def test_pgd_curve_starts_at_clean_and_decreases(mlp_ensemble, digits):
                                   generator=torch.Generator().manual_seed(0))
     accs = [p.accuracy for p in curve]
     assert accs[0] == pytest.approx(evaluate_clean(mlp_ensemble, part)["accuracy"])
-    assert all(b <= a + 1e-9 for a, b in zip(accs, accs[1:]))
+    assert all(b <= a + 1e-9 for a, b in itertools.pairwise(accs))
     assert accs[-1] < accs[0] - 0.5  # eps 0.3 breaks an undefended digits MLP ensemble
     with pytest.raises(PhalanxError):
         robust_accuracy_curve(mlp_ensemble, part, [-0.1])

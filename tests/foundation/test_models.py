@@ -50,7 +50,7 @@ def test_lenet5_is_lecun_shaped():
     assert [f.out_features for f in fcs] == [120, 84, 10]
     conv = create_model("mnist-convnet", (1, 28, 28), 10)
     assert [f.out_features for f in conv.body if isinstance(f, torch.nn.Linear)] == [500, 10]
-    assert [f.in_features for f in conv.body if isinstance(f, torch.nn.Linear)][0] == 800
+    assert next(f.in_features for f in conv.body if isinstance(f, torch.nn.Linear)) == 800
 
 
 def test_normalization_inside_model():

@@ -88,5 +88,5 @@ def test_bad_train_config(kw, match):
 
 
 def test_unknown_method_option():
-    with pytest.raises(PhalanxError, match="known: .*baseline"):
+    with pytest.raises(PhalanxError, match=r"known: .*baseline"):
         create_method("nope")

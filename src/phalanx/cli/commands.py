@@ -1,4 +1,4 @@
-"""Core subcommands: train, evaluate, demo, info."""
+"""Core subcommands: train, demo, info (evaluate and attack live in cli/attack.py)."""
 
 from __future__ import annotations
 
@@ -78,47 +78,6 @@ def train(config_path: str | None, overrides: tuple[str, ...], dataset: str | No
     ev = evaluate_ensemble(ens, data, cfg.eval, seed=cfg.train.seed, progress=progress)
     report = write_train_report(run_dir, cfg, fit_result, ev)
     click.echo(f"clean accuracy {ev['clean']['accuracy']:.4f}; run folder {run_dir}; report {report}")
-
-
-@click.command()
-@click.argument("checkpoint", type=click.Path(dir_okay=False))
-@config_options
-@click.option("--dataset", default=None, help="Dataset (default: the one stored in the checkpoint).")
-@click.option("--data-dir", default=None)
-@click.option("--limit", type=int, default=None, help="Evaluate on at most N test examples.")
-@click.option("--eps", default=None, help="Comma-separated eps list (L-inf, in [0, 1]).")
-@click.option("--attack", default=None, help="Attack for the curve (default pgd).")
-@click.option("--steps", type=int, default=None)
-@click.option("--restarts", type=int, default=None)
-@click.option("--seed", type=int, default=0)
-@device_option
-@out_option
-@progress_option
-def evaluate(checkpoint: str, config_path: str | None, overrides: tuple[str, ...], dataset: str | None,
-             data_dir: str | None, limit: int | None, eps: str | None, attack: str | None, steps: int | None,
-             restarts: int | None, seed: int, device: str | None, out: str | None, progress: bool) -> None:
-    """Evaluate a saved ensemble: clean accuracy, member accuracy, agreement, robust accuracy vs eps."""
-    from phalanx.attacks import ATTACKS
-    from phalanx.ensembles import checkpoint_info
-    from phalanx.experiment import evaluate_ensemble, load_data, load_for_eval, write_train_report
-
-    info = checkpoint_info(checkpoint)
-    tree: dict[str, dict[str, Any]] = {"data": {"dataset": info.get("dataset") or "digits"}}
-    for sec, key, val in [("data", "dataset", dataset), ("data", "data_dir", data_dir), ("eval", "limit", limit),
-                          ("eval", "eps", parse_eps_list(eps)), ("eval", "attack", attack),
-                          ("eval", "steps", steps), ("eval", "restarts", restarts), ("train", "device", device)]:
-        shortcut(tree, sec, key, val)
-    cfg = load_config(config_path, overrides, base=tree)
-    ATTACKS.get(cfg.eval.attack)
-    ens = load_for_eval(checkpoint, cfg.train.device)
-    data = load_data(cfg.data)
-    if tuple(data.in_shape) != tuple(ens.in_shape) or data.num_classes != ens.num_classes:
-        raise PhalanxError(f"checkpoint expects inputs {ens.in_shape} with {ens.num_classes} classes; "
-                           f"dataset {cfg.data.dataset!r} has {data.in_shape} with {data.num_classes}")
-    run_dir = run_dir_for(out, "evaluate")
-    ev = evaluate_ensemble(ens, data, cfg.eval, seed=seed, progress=progress)
-    report = write_train_report(run_dir, cfg, None, ev, title=f"phalanx evaluation of {checkpoint}")
-    click.echo(f"clean accuracy {ev['clean']['accuracy']:.4f}; report {report}")
 
 
 @click.command()
