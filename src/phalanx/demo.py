@@ -68,7 +68,7 @@ from phalanx.evaluation.demo_stage import stage_attacks  # noqa: E402
 from phalanx.training.demo_stage import stage_diversity_training  # noqa: E402
 from phalanx.verification.demo_stage import stage_verified_selection  # noqa: E402
 
-STAGES: list[Stage] = [stage_train_baseline, stage_diversity_training, stage_attacks, stage_verified_selection]
+STAGES: list[Stage] = [stage_train_baseline, stage_attacks, stage_diversity_training, stage_verified_selection]
 
 
 def run_demo(out_dir: str | Path, *, progress: bool = True, overrides: dict[str, Any] | None = None,
