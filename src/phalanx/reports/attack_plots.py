@@ -6,7 +6,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from phalanx.reports.plots import _plt
+from phalanx.reports.plots import _plt, save_figure
 
 
 def plot_heatmap(matrix: Sequence[Sequence[float]], rows: Sequence[str], columns: Sequence[str],
@@ -30,10 +30,7 @@ def plot_heatmap(matrix: Sequence[Sequence[float]], rows: Sequence[str], columns
                     fontsize=8, color="white" if arr[i, j] > 0.6 * hi else "black")
     fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04)
     ax.set_title(title, fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
-    return Path(path)
+    return save_figure(fig, path)
 
 
 def plot_adversarial_grid(clean: Any, adversarial: Any, labels: Sequence[int], clean_pred: Sequence[int],
@@ -57,12 +54,7 @@ def plot_adversarial_grid(clean: Any, adversarial: Any, labels: Sequence[int], c
             ok = int(pred) == int(labels[k])
             ax.set_title(f"{'y' if r == 0 else 'adv'}={int(labels[k]) if r == 0 else int(pred)}"
                          + ("" if r == 0 else ("" if ok else " x")), fontsize=7, color="black" if ok else "red")
-    if title:
-        fig.suptitle(title, fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
-    return Path(path)
+    return save_figure(fig, path, title=title)
 
 
 def plot_decision_regions(result: Mapping[str, Any], path: str | Path, *, title: str = "") -> Path:
@@ -84,12 +76,7 @@ def plot_decision_regions(result: Mapping[str, Any], path: str | Path, *, title:
         ax.set_xlabel("random direction", fontsize=7)
         ax.set_ylabel("adversarial direction", fontsize=7)
         ax.tick_params(labelsize=6)
-    if title:
-        fig.suptitle(title, fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
-    return Path(path)
+    return save_figure(fig, path, title=title)
 
 
 __all__ = ["plot_adversarial_grid", "plot_decision_regions", "plot_heatmap"]

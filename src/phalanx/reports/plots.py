@@ -16,6 +16,17 @@ def _plt() -> Any:
     return plt
 
 
+def save_figure(fig: Any, path: str | Path, *, title: str = "") -> Path:
+    """Optional suptitle, tight layout, save, close: the end of every plot function."""
+    plt = _plt()
+    if title:
+        fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return Path(path)
+
+
 def plot_accuracy_curves(curves: Mapping[str, Sequence[Mapping[str, float]]], path: str | Path, *,
                          title: str = "Robust accuracy", xlabel: str = "eps (L-inf)") -> Path:
     """One line per named curve of ``[{eps, accuracy}, ...]`` points."""
@@ -29,10 +40,7 @@ def plot_accuracy_curves(curves: Mapping[str, Sequence[Mapping[str, float]]], pa
     ax.grid(alpha=0.3)
     ax.set_title(title)
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
-    return Path(path)
+    return save_figure(fig, path)
 
 
 def plot_training_history(history: Sequence[Mapping[str, Any]], path: str | Path) -> Path:
@@ -47,7 +55,4 @@ def plot_training_history(history: Sequence[Mapping[str, Any]], path: str | Path
         ax2.plot(epochs, [100 * h.get("val_accuracy", float("nan")) for h in history], color="C1", label="val acc")
         ax2.set_ylabel("validation accuracy (%)")
     ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
-    return Path(path)
+    return save_figure(fig, path)

@@ -13,6 +13,7 @@ import torch
 from torch import Tensor
 
 from phalanx.attacks import pgd
+from phalanx.reports.plots import _plt, save_figure
 from phalanx.training.base import create_method
 from phalanx.training.loop import TrainConfig, fit
 
@@ -36,11 +37,7 @@ def mean_off_diagonal(matrix: Tensor | Sequence[Sequence[float]]) -> float:
 
 def plot_transfer_side_by_side(matrices: dict[str, Tensor], path: str | Path, *, eps: float) -> Path:
     """Heat maps of several M x (M + 1) transfer matrices in one figure (matplotlib, Agg)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = _plt()
     fig, axes = plt.subplots(1, len(matrices), figsize=(4.2 * len(matrices), 3.6), dpi=120, squeeze=False)
     for ax, (title, mat) in zip(axes[0], matrices.items()):
         data = 100 * mat.numpy()
@@ -56,10 +53,7 @@ def plot_transfer_side_by_side(matrices: dict[str, Tensor], path: str | Path, *,
         ax.set_ylabel("source (PGD on one member)")
         ax.set_title(f"{title}: off-diag {mean_off_diagonal(mat) * 100:.0f}%", fontsize=9)
     fig.suptitle(f"Attack success rate (%), PGD eps={eps:g}", fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
-    return Path(path)
+    return save_figure(fig, path)
 
 
 def stage_diversity_training(ctx: DemoContext) -> None:

@@ -10,6 +10,7 @@ from typing import Any
 import numpy as np
 
 from phalanx.reports.markdown import table
+from phalanx.reports.plots import save_figure
 
 
 def plot_attacks(doc: Mapping[str, Any], x: np.ndarray, path: str | Path, *,
@@ -41,10 +42,7 @@ def plot_attacks(doc: Mapping[str, Any], x: np.ndarray, path: str | Path, *,
         for j in range(n):
             fooled = [str(c) for c in range(losses.shape[1]) if losses[i, c, j]]
             show(axes[i + 1][j], attacks[i, j], f"A{i} p={doc['probabilities'][i]:.2f}\nfools {{{','.join(fooled)}}}")
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
-    return Path(path)
+    return save_figure(fig, path)
 
 
 def summary_rows(results: Mapping[str, Mapping[str, Any]]) -> list[list[Any]]:

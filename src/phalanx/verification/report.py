@@ -9,6 +9,7 @@ from typing import Any
 
 import numpy as np
 
+from phalanx.reports.plots import save_figure
 from phalanx.verification.query import Verdict
 from phalanx.verification.runner import Record
 
@@ -38,12 +39,7 @@ def plot_counterexamples(records: Sequence[Record], points: np.ndarray, in_shape
             else:
                 names = " ".join(f"N{m}:{lab}" for m, lab in zip(r.spec.members, labels, strict=False))
                 ax.set_title(names, fontsize=6, color="red")
-    if title:
-        fig.suptitle(title, fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
-    return Path(path)
+    return save_figure(fig, path, title=title)
 
 
 def verdict_summary(records: Sequence[Record]) -> dict[str, Any]:
