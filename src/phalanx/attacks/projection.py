@@ -46,15 +46,24 @@ def project_l1(delta: Tensor, eps: float) -> Tensor:
 
 
 def random_start(x: Tensor, threat: ThreatModel, generator: torch.Generator | None) -> Tensor:
-    """A uniformly random point of the ball (L-inf: uniform per coordinate), then projected."""
+    """A uniformly random point of the ball, then projected onto the input box.
+
+    L-inf: uniform per coordinate. L2 / L1: a direction uniform on the unit sphere (normalised
+    Gaussian / normalised Laplace, i.e. the cone measure) times ``eps * r**(1/d)``, which is
+    uniform in the ball.
+    """
     u = torch.rand(x.shape, generator=generator, dtype=x.dtype).to(x.device)
     if threat.norm is Norm.LINF:
         delta = (2 * u - 1) * threat.eps
     else:
         g = torch.randn(x.shape, generator=generator, dtype=x.dtype).to(x.device)
-        p = 2.0 if threat.norm is Norm.L2 else 1.0
-        direction = g / _flat_norm(g, p).clamp_min(1e-12)
-        r = torch.rand((x.shape[0],), generator=generator, dtype=x.dtype).to(x.device)
+        if threat.norm is Norm.L2:
+            direction = g / _flat_norm(g, 2.0).clamp_min(1e-12)
+        else:  # Laplace variates: sign * Exp(1), with Exp(1) = -log(U)
+            lap = torch.sign(g) * -torch.log(u.clamp_min(1e-12))
+            direction = lap / _flat_norm(lap, 1.0).clamp_min(1e-12)
+        d = x[0].numel()
+        r = torch.rand((x.shape[0],), generator=generator, dtype=x.dtype).to(x.device) ** (1.0 / d)
         delta = direction * (threat.eps * r.view(-1, *([1] * (x.dim() - 1))))
     return project(x + delta, x, threat)
 

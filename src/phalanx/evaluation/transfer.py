@@ -34,17 +34,18 @@ TRANSFER_VERSION = 1
 
 
 def transfer_attacks(*, steps: int = 100, restarts: int = 3, losses: Sequence[str] = ("ce", "cw"),
-                     kinds: Sequence[str] = ("mpgd", "mdi2fgsm", "sgm")) -> dict[str, Attack]:
+                     kinds: Sequence[str] = ("mpgd", "mdi2fgsm", "sgm"), step_size: float = 0.2) -> dict[str, Attack]:
     """DVERGE's transfer attacks: per loss, momentum PGD once per random start (named
-    ``mpgd-ce-r0`` ...), M-DI2-FGSM (p = 0.5) and SGM (gamma = 0.2), all ``steps`` steps."""
+    ``mpgd-ce-r0`` ...), M-DI2-FGSM (p = 0.5) and SGM (gamma = 0.2), all ``steps`` steps of
+    ``step_size * eps`` (DVERGE sec. 4.3: "100 iterations with the step size of eps/5")."""
     out: dict[str, Attack] = {}
     for loss in losses:
         for kind in kinds:
             if kind == "mpgd":
                 for r in range(restarts):
-                    out[f"mpgd-{loss}-r{r}"] = create_attack("mpgd", steps=steps, loss=loss)
+                    out[f"mpgd-{loss}-r{r}"] = create_attack("mpgd", steps=steps, step_size=step_size, loss=loss)
             else:
-                out[f"{kind}-{loss}"] = create_attack(kind, steps=steps, loss=loss)
+                out[f"{kind}-{loss}"] = create_attack(kind, steps=steps, step_size=step_size, loss=loss)
     return out
 
 

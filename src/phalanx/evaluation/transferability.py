@@ -86,8 +86,9 @@ def diversity_matrix(ensemble: Ensemble, split: Split, *, eps: float = 0.07, ste
     """DVERGE eq. (2) on examples correct for every member.
 
     For each batch (DVERGE: 10 examples), sources ``x_s`` are a random permutation of the set,
-    each member ``i`` distils the features of the target ``x`` at a random layer ``l`` (fresh per
-    batch; one draw per member where depths differ; ``layers`` restricts the choice) into
+    each member ``i`` distils the features of the target ``x`` at a random layer ``l`` (one draw
+    per batch shared by all members, as eval_diversity.py; where depths differ the draw maps to
+    the same relative depth; ``layers`` restricts the choice) into
     ``x_s`` (eps 0.07, 10 steps of eps/10, momentum), and ``C[i][j]`` accumulates
     ``CE(f_j(x'_i), y)``. Returns ``ce`` (M x M), ``diversity`` (symmetric ``d(i, j)``,
     diagonal 0) and ``mean_pairwise``. Models are left in the mode the caller set (eval)."""
@@ -107,16 +108,20 @@ def diversity_matrix(ensemble: Ensemble, split: Split, *, eps: float = 0.07, ste
         from tqdm.auto import tqdm
 
         it = tqdm(batches, desc="diversity", leave=False)
+    choices_per = []
+    for i, member in enumerate(ensemble.members):
+        depth = int(getattr(member, "num_feature_layers"))  # noqa: B009
+        choices = [layer for layer in (layers or range(1, depth + 1)) if 1 <= layer <= depth]
+        if not choices:
+            raise PhalanxError(f"no valid feature layer in {layers} for member {i} (1..{depth})")
+        choices_per.append(choices)
     for start in it:
         x = data.x[start:start + batch_size].to(device)
         y = data.y[start:start + batch_size].to(device)
         xs = sources[start:start + batch_size].to(device)
+        u = float(torch.rand((), generator=generator))  # one layer draw per batch (eval_diversity.py)
         for i, member in enumerate(ensemble.members):
-            depth = int(getattr(member, "num_feature_layers"))  # noqa: B009
-            choices = [layer for layer in (layers or range(1, depth + 1)) if 1 <= layer <= depth]
-            if not choices:
-                raise PhalanxError(f"no valid feature layer in {layers} for member {i} (1..{depth})")
-            layer = choices[int(torch.randint(len(choices), (), generator=generator))]
+            layer = choices_per[i][min(int(u * len(choices_per[i])), len(choices_per[i]) - 1)]
             adv = feature_distillation(member, xs, x, layer, eps=eps, steps=steps, step_size=eps / steps)  # type: ignore[arg-type]
             with torch.no_grad():
                 z = ensemble.member_logits(adv)

@@ -173,9 +173,19 @@ def _affine_of(module: nn.Module, shape: tuple[int, ...]) -> tuple[Affine, tuple
         b = m(zero)
         basis = torch.eye(n, dtype=torch.float64).reshape(n, *shape)
         cols = m(basis) - b
+        # the read-off is exact only for an affine, per-sample module: check it on a random batch
+        # (e.g. BatchNorm with track_running_stats=False normalizes by batch statistics in eval)
+        probe = torch.rand((3, *shape), dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+        got = m(probe).reshape(3, -1)
     out_shape = tuple(int(s) for s in b.shape[1:])
     w = cols.reshape(n, -1).T.contiguous().numpy().copy()
-    return Affine(w, b.reshape(-1).numpy().copy()), out_shape
+    bias = b.reshape(-1).numpy().copy()
+    want = probe.reshape(3, -1).numpy() @ w.T + bias
+    scale = 1.0 + float(np.abs(want).max(initial=0.0)) + float(np.abs(w).sum(axis=1).max(initial=0.0))
+    if not np.allclose(got.numpy(), want, rtol=0.0, atol=1e-9 * scale):
+        raise PhalanxError(f"layer {type(module).__name__} is not affine per sample in eval mode (e.g. BatchNorm "
+                           "without running statistics); accepted: affine layers with eval-mode statistics")
+    return Affine(w, bias), out_shape
 
 
 def _double_eval(module: nn.Module) -> nn.Module:

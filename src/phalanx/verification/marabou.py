@@ -87,11 +87,17 @@ class MarabouVerifier(Verifier):
             if not ap.is_file():
                 err = proc.stderr.decode(errors="replace").strip().splitlines()[-1:] or ["no answer"]
                 return self._result(Verdict.ERROR, t0, message=f"marabou worker failed: {err[0]}")
-            ans = json.loads(ap.read_text())
+            try:
+                ans = json.loads(ap.read_text())
+            except ValueError:  # a worker killed while writing: no answer
+                ans = None
+            if not isinstance(ans, dict):
+                return self._result(Verdict.ERROR, t0, message="marabou worker wrote an unreadable answer")
         code = ans.get("code", "ERROR")
         det = {"code": code, "margin": self.margin, "solve_s": ans.get("solve_s")}
         if code == "sat":
-            return self._sat_or_error(query, np.asarray(ans["x"]), t0, **det)
+            x = ans.get("x")
+            return self._sat_or_error(query, None if x is None else np.asarray(x, dtype=np.float64), t0, **det)
         if code == "unsat":
             if not query.complete:
                 return self._result(Verdict.TIMEOUT, t0, message="runner-up query UNSAT proves nothing", details=det)

@@ -8,12 +8,10 @@ whatever is left goes to a complete backend (MILP by default) with the remaining
 from __future__ import annotations
 
 import time
-import weakref
 from collections.abc import Iterator, Sequence
 
 import numpy as np
 import torch
-from torch import nn
 
 from phalanx.verification.backends import BoundsVerifier, Verifier
 from phalanx.verification.query import Query, QueryKind, Verdict, VerificationResult, recheck
@@ -82,17 +80,14 @@ class AttackVerifier(Verifier):
 
 #: member-robustness verdicts cached per process: (member fingerprint, point, eps, label) -> verdict
 _MEMBER_CACHE: dict[tuple[str, str, float, int, tuple[float, float]], Verdict] = {}
-_FINGERPRINTS: weakref.WeakKeyDictionary[nn.Module, str] = weakref.WeakKeyDictionary()
 
 
 def _member_key(query: Query, i: int) -> tuple[str, str, float, int, tuple[float, float]]:
     from phalanx.verification.query import model_fingerprint, point_fingerprint
 
-    m = query.models[i]
-    fp = _FINGERPRINTS.get(m)
-    if fp is None:
-        fp = _FINGERPRINTS[m] = model_fingerprint(m)
-    return fp, point_fingerprint(query.x0), round(float(query.eps), 12), query.label, query.input_bounds
+    # hashed afresh every time: a module object whose weights changed in place is another network
+    fp = model_fingerprint(query.models[i])
+    return fp, point_fingerprint(query.x0), float(query.eps), query.label, query.input_bounds
 
 
 def robust_members(query: Query, backend: Verifier, time_limit_s: float) -> tuple[int, int]:

@@ -114,6 +114,11 @@ class Query:
             raise PhalanxError("queried members must share input and output sizes")
         if self.x0.size != self.nets[0].in_dim:
             raise PhalanxError(f"x0 has {self.x0.size} entries, the members expect {self.nets[0].in_dim}")
+        lo_b, hi_b = self.input_bounds
+        if not lo_b <= hi_b or not np.all((self.x0 >= lo_b) & (self.x0 <= hi_b)):
+            # outside the box, ball and box may not meet: box() would not lie inside the ball
+            raise PhalanxError(f"x0 must lie in the input bounds {self.input_bounds} (values in "
+                               f"[{self.x0.min():g}, {self.x0.max():g}]); accepted: lo <= x0 <= hi")
         if not 0 <= self.label < self.num_classes:
             raise PhalanxError(f"label {self.label} out of range; accepted: 0..{self.num_classes - 1}")
         if self.runner_up is not None:
@@ -218,10 +223,13 @@ def recheck(query: Query, x: np.ndarray | None) -> tuple[np.ndarray | None, str,
     cand = np.clip(cand, lo, hi)
     logits = member_labels(query.models, cand, query.nets[0].in_shape)
     ok, preds = property_holds(query, logits)
-    details = {"member_labels": preds, "projection_drift": drift,
-               "linf": float(np.max(np.abs(cand - query.x0)))}
+    linf = float(np.max(np.abs(cand - query.x0)))
+    details = {"member_labels": preds, "projection_drift": drift, "linf": linf}
     if query.kind is QueryKind.MEAN_LOGITS:
         details["ensemble_label"] = int(np.argmax(logits.mean(0)))
+    blo, bhi = query.input_bounds
+    if linf > query.eps * (1 + 1e-12) + 1e-15 or np.any(cand < blo) or np.any(cand > bhi):
+        return None, f"candidate leaves the eps-ball or the input bounds (L-inf {linf:.6g})", details
     if not ok:
         return None, f"candidate does not re-check in float64 PyTorch (labels {preds})", details
     return cand, "re-checked in float64 PyTorch", details
@@ -234,8 +242,9 @@ def query_id(parts: Sequence[Any]) -> str:
 
 
 def model_fingerprint(model: nn.Module) -> str:
-    """A stable hash of a model's parameters and buffers."""
-    h = hashlib.sha1()
+    """A stable hash of a model's architecture (its module tree, which names parameter-free layers
+    such as the activation and its slope) and of its parameters and buffers."""
+    h = hashlib.sha1(repr(model).encode())
     for k, v in sorted(model.state_dict().items()):
         h.update(k.encode())
         h.update(v.detach().cpu().to(torch.float64).numpy().tobytes())
@@ -243,7 +252,8 @@ def model_fingerprint(model: nn.Module) -> str:
 
 
 def point_fingerprint(x: np.ndarray) -> str:
-    return hashlib.sha1(np.asarray(x, dtype=np.float32).tobytes()).hexdigest()[:12]
+    """Hash of the exact float64 point (float32 would merge points closer than its resolution)."""
+    return hashlib.sha1(np.ascontiguousarray(x, dtype=np.float64).tobytes()).hexdigest()[:12]
 
 
 def make_query(models: Sequence[nn.Module], x0: np.ndarray | torch.Tensor, eps: float, label: int, *,

@@ -69,7 +69,7 @@ class QuerySpec:
     runner_up: bool = False
 
     def qid(self, cands: Candidates, x: np.ndarray) -> str:
-        return query_id([[cands.fingerprints[i] for i in self.members], point_fingerprint(x), round(self.eps, 9),
+        return query_id([[cands.fingerprints[i] for i in self.members], point_fingerprint(x), repr(float(self.eps)),
                          self.label, self.kind, self.quorum, self.runner_up])
 
     def build(self, cands: Candidates, x: np.ndarray) -> Query:
@@ -203,8 +203,9 @@ def run_queries(cands: Candidates, points: np.ndarray, specs: Sequence[QuerySpec
                 for d in it:
                     store.add(Record.from_json(d))
     out = []
-    for q in ids:
+    for s, q in zip(specs, ids, strict=True):
         rec = store.get(q)
         assert rec is not None
-        out.append(rec)
+        # the stored spec may come from another run (another point index for the same point)
+        out.append(Record(q, s, rec.result))
     return out

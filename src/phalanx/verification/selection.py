@@ -116,15 +116,19 @@ def select_members(cands: Candidates, points: np.ndarray, labels: Sequence[int],
     m = len(points)
     t_start = time.perf_counter()
 
+    # this run's records only: a resumed store may also hold queries on other points or labels
+    mine: dict[str, Record] = {}
+
     def solve(pairs: Sequence[tuple[int, int]]) -> tuple[list[Record], int]:
         specs = [QuerySpec(pair, p, float(e), int(labels[p])) for e in cfg.eps for pair in pairs for p in range(m)]
         before = len(store.records)
         recs = run_queries(cands, points, specs, backend=cfg.backend, options=cfg.backend_options,
                            time_limit_s=cfg.time_limit_s, workers=cfg.workers, store=store, progress=progress)
+        mine.update((r.qid, r) for r in recs)
         return recs, len(store.records) - before
 
     def table(members: Sequence[int]) -> ScoreTable:
-        return ScoreTable.from_records(list(store.records.values()), members, cfg.eps, m)
+        return ScoreTable.from_records(list(mine.values()), members, cfg.eps, m)
 
     steps: list[SelectionStep] = []
     initial = ens
