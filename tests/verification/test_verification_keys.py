@@ -175,3 +175,16 @@ def test_marabou_answers_are_parsed_soundly(monkeypatch) -> None:  # type: ignor
     ru = make_query([net], x, 0.01, label, runner_up=True)  # the simplification: UNSAT proves nothing
     monkeypatch.setattr(mb.subprocess, "run", _fake_worker(json.dumps({"code": "unsat"})))
     assert v.verify(ru, time_limit_s=1.0).verdict is Verdict.TIMEOUT
+
+
+def test_retry_undecided_solves_stored_timeouts_again() -> None:
+    """A stored TIMEOUT is reused by default (no silent re-solve) and solved again on request."""
+    cands = Candidates.from_models([_mlp(nn.ReLU()), _mlp(nn.ReLU(), 1)])
+    pts = np.full((1, 4), 0.5)
+    spec = QuerySpec((0, 1), 0, 0.01, 0)
+    store = ResultStore()
+    store.add(Record(spec.qid(cands, pts[0]), spec, VerificationResult(Verdict.TIMEOUT, "test", 9.0)))
+    again = run_queries(cands, pts, [spec], backend="milp", store=store)
+    assert again[0].result.verdict is Verdict.TIMEOUT and again[0].result.backend == "test"
+    solved = run_queries(cands, pts, [spec], backend="milp", store=store, retry_undecided=True)
+    assert solved[0].result.verdict.decided and solved[0].result.backend != "test"

@@ -33,6 +33,8 @@ def _common(f: Callable[..., Any]) -> Callable[..., Any]:
         click.option("--members", default=None, help="Comma-separated member indices (default all)."),
         click.option("--data-dir", default=None, help="Folder with dataset files."),
         click.option("--seed", type=int, default=0, show_default=True),
+        click.option("--retry-undecided", is_flag=True,
+                     help="When resuming into an existing --out folder, solve stored TIMEOUT/ERROR queries again."),
     ]
     for o in reversed(opts):
         f = o(f)
@@ -40,7 +42,7 @@ def _common(f: Callable[..., Any]) -> Callable[..., Any]:
 
 
 def _config(eps: str, points: int, backend: str, complete: str | None, time_limit: float, workers: int,
-            members: str | None, data_dir: str | None, seed: int, **kw: Any) -> Any:
+            members: str | None, data_dir: str | None, seed: int, retry_undecided: bool = False, **kw: Any) -> Any:
     from phalanx.verification.workflows import VerifyConfig
 
     opts: dict[str, Any] = {}
@@ -50,7 +52,7 @@ def _config(eps: str, points: int, backend: str, complete: str | None, time_limi
         opts["complete"] = complete
     return VerifyConfig(eps=tuple(parse_eps_list(eps) or []), points=points, backend=backend, backend_options=opts,
                         time_limit_s=time_limit, workers=workers, members=_members(members), data_dir=data_dir,
-                        seed=seed, **kw)
+                        seed=seed, retry_undecided=retry_undecided, **kw)
 
 
 @click.group()

@@ -43,6 +43,7 @@ class SelectionConfig:
     max_iters: int = 10
     time_budget_s: float | None = None
     initial: tuple[int, ...] | None = None
+    retry_undecided: bool = False  # on resume, solve stored TIMEOUT/ERROR queries again
 
     def __post_init__(self) -> None:
         if self.k < 2:
@@ -123,7 +124,8 @@ def select_members(cands: Candidates, points: np.ndarray, labels: Sequence[int],
         specs = [QuerySpec(pair, p, float(e), int(labels[p])) for e in cfg.eps for pair in pairs for p in range(m)]
         before = len(store.records)
         recs = run_queries(cands, points, specs, backend=cfg.backend, options=cfg.backend_options,
-                           time_limit_s=cfg.time_limit_s, workers=cfg.workers, store=store, progress=progress)
+                           time_limit_s=cfg.time_limit_s, workers=cfg.workers, store=store, progress=progress,
+                           retry_undecided=cfg.retry_undecided)
         mine.update((r.qid, r) for r in recs)
         return recs, len(store.records) - before
 

@@ -60,6 +60,7 @@ class VerifyConfig:
     split: str = "val"
     data_dir: str | None = None
     seed: int = 0
+    retry_undecided: bool = False  # on resume, solve stored TIMEOUT/ERROR queries again
 
     def __post_init__(self) -> None:
         if self.points < 1:
@@ -114,7 +115,7 @@ def verify_pairs(checkpoint: str | Path, run_dir: Path, cfg: VerifyConfig, *, pr
     store = ResultStore(run_dir / "queries.jsonl")
     recs = run_queries(cands, pts, specs, backend=cfg.backend, options=cfg.backend_options,
                        time_limit_s=cfg.time_limit_s, workers=cfg.workers, store=store,
-                       progress=tqdm_progress("mutual-error queries", progress))
+                       progress=tqdm_progress("mutual-error queries", progress), retry_undecided=cfg.retry_undecided)
     table = ScoreTable.from_records(recs, mem, cfg.eps, len(pts)) if cfg.subset_size == 2 else None
     summary = verdict_summary(recs)
     comparison = attack_comparison(cands, recs, pts)
@@ -180,7 +181,8 @@ def select(checkpoint: str | Path, run_dir: Path, cfg: VerifyConfig, *, k: int, 
     _, y, pts = _agreement(cands, data, cfg)
     scfg = SelectionConfig(k=k, eps=tuple(cfg.eps), backend=cfg.backend, backend_options=cfg.backend_options,
                            time_limit_s=cfg.time_limit_s, workers=cfg.workers, max_iters=max_iters,
-                           time_budget_s=time_budget_s, initial=tuple(initial) if initial is not None else None)
+                           time_budget_s=time_budget_s, initial=tuple(initial) if initial is not None else None,
+                           retry_undecided=cfg.retry_undecided)
     store = ResultStore(run_dir / "queries.jsonl")
     res = select_members(cands, pts, y.tolist(), scfg, store=store, progress=tqdm_progress("selection", progress))
     out: dict[str, Any] = {"config": asdict(cfg), "k": k, "checkpoint": str(checkpoint), "agreement_points": len(pts),
