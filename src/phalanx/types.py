@@ -4,8 +4,23 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass
+from typing import TypeVar
 
 from phalanx.errors import PhalanxError
+
+E = TypeVar("E", bound=enum.Enum)
+
+
+def parse_enum(cls: type[E], value: str | E, what: str) -> E:
+    """The member of a string-valued enum named by ``value`` (case and ``_``/``-`` insensitive);
+    an unknown name raises a :class:`PhalanxError` listing the accepted ones."""
+    if isinstance(value, cls):
+        return value
+    key = str(value).lower().replace("_", "-")
+    for member in cls:
+        if str(member.value) == key:
+            return member
+    raise PhalanxError(f"unknown {what} {value!r}; accepted: {', '.join(str(m.value) for m in cls)}")
 
 
 class Norm(str, enum.Enum):

@@ -10,6 +10,7 @@ import torch
 from torch import Tensor, nn
 
 from phalanx.errors import PhalanxError
+from phalanx.types import parse_enum
 
 LOG_CLAMP = 1e-40  # DVERGE reference: log(mean softmax) clamped at 1e-40
 
@@ -23,12 +24,7 @@ class Combiner(str, enum.Enum):
 
     @classmethod
     def parse(cls, value: str | Combiner) -> Combiner:
-        if isinstance(value, Combiner):
-            return value
-        for c in cls:
-            if c.value == value or c.name.lower() == str(value).lower().replace("-", "_"):
-                return c
-        raise PhalanxError(f"unknown combiner {value!r}; accepted: {', '.join(c.value for c in cls)}")
+        return parse_enum(cls, value, "combiner")
 
 
 def combine(member_logits: Tensor, combiner: Combiner | str) -> Tensor:

@@ -27,7 +27,7 @@ from phalanx.evaluation.transfer import (
 )
 from phalanx.evaluation.transferability import diversity_matrix, transferability_matrix
 from phalanx.evaluation.whitebox import whitebox_evaluation
-from phalanx.types import check_eps
+from phalanx.types import check_eps, parse_enum
 
 log = logging.getLogger(__name__)
 
@@ -40,12 +40,7 @@ class Protocol(str, enum.Enum):
 
     @classmethod
     def parse(cls, value: str | Protocol) -> Protocol:
-        if isinstance(value, Protocol):
-            return value
-        for p in cls:
-            if p.value == str(value).lower():
-                return p
-        raise PhalanxError(f"unknown protocol {value!r}; accepted: {', '.join(p.value for p in cls)}")
+        return parse_enum(cls, value, "protocol")
 
 
 @dataclass(frozen=True)

@@ -31,7 +31,7 @@ import torch
 from torch import nn
 
 from phalanx.errors import PhalanxError
-from phalanx.types import check_eps
+from phalanx.types import check_eps, parse_enum
 from phalanx.verification.ir import NetworkIR, stack_outputs, to_ir
 
 #: Marabou has no strict inequalities: "label l is not the argmax" is ``y_r - y_l >= MARGIN``
@@ -57,12 +57,7 @@ class QueryKind(str, enum.Enum):
 
     @classmethod
     def parse(cls, value: str | QueryKind) -> QueryKind:
-        if isinstance(value, QueryKind):
-            return value
-        for k in cls:
-            if k.value == str(value).lower().replace("_", "-"):
-                return k
-        raise PhalanxError(f"unknown query kind {value!r}; accepted: {', '.join(k.value for k in cls)}")
+        return parse_enum(cls, value, "query kind")
 
 
 @dataclass
