@@ -57,3 +57,14 @@ def cnn_ensemble(digits):
 def tiny_mlp_pair(digits):
     """2 trained digits MLPs with one hidden layer of 10 units (small enough for exact solvers)."""
     return _train(digits, "mlp", 2, 10, 2, widths=[10])
+
+
+def run_cli(argv: list[str], capsys) -> tuple[int, str, str]:  # type: ignore[no-untyped-def]
+    """Run ``phalanx ARGV`` in-process; return (exit code, stdout, stderr)."""
+    from phalanx.cli.main import main
+
+    with pytest.raises(SystemExit) as exc:
+        main(argv)
+        raise SystemExit(0)
+    out = capsys.readouterr()
+    return int(exc.value.code or 0), out.out, out.err

@@ -7,18 +7,10 @@ import json
 import pytest
 import torch
 
-from phalanx.cli.main import main
+from conftest import run_cli
 from phalanx.ensembles import Ensemble, save_ensemble
 from phalanx.errors import PhalanxError
 from phalanx.models import create_model
-
-
-def run(argv, capsys):
-    with pytest.raises(SystemExit) as exc:
-        main(argv)
-        raise SystemExit(0)
-    out = capsys.readouterr()
-    return exc.value.code, out.out, out.err
 
 
 @pytest.fixture(scope="module")
@@ -30,7 +22,7 @@ def ckpt(mlp_ensemble, tmp_path_factory):
 
 def test_evaluate_whitebox_several_attacks(ckpt, capsys, tmp_path):
     out = tmp_path / "wb"
-    code, _stdout, err = run(["evaluate", ckpt, "--limit", "40", "--eps", "0,0.1", "--attack", "fgsm,pgd",
+    code, _stdout, err = run_cli(["evaluate", ckpt, "--limit", "40", "--eps", "0,0.1", "--attack", "fgsm,pgd",
                              "--steps", "3", "--out", str(out), "--no-progress"], capsys)
     assert code == 0, err
     res = json.loads((out / "results.json").read_text())
@@ -49,7 +41,7 @@ def test_evaluate_whitebox_several_attacks(ckpt, capsys, tmp_path):
 ])
 def test_evaluate_other_protocols(ckpt, capsys, tmp_path, protocol, extra):
     out = tmp_path / protocol
-    code, _, err = run(["evaluate", ckpt, "--protocol", protocol, "--limit", "30", *extra, "--out", str(out),
+    code, _, err = run_cli(["evaluate", ckpt, "--protocol", protocol, "--limit", "30", *extra, "--out", str(out),
                         "--no-progress"], capsys)
     assert code == 0, err
     res = json.loads((out / "results.json").read_text())["results"]
@@ -58,12 +50,12 @@ def test_evaluate_other_protocols(ckpt, capsys, tmp_path, protocol, extra):
 
 
 def test_attack_transfer_sets_then_blackbox(ckpt, capsys, tmp_path):
-    code, _, err = run(["attack", ckpt, "--transfer-sets", "--eps", "0.05,0.1", "--transfer-steps", "2",
+    code, _, err = run_cli(["attack", ckpt, "--transfer-sets", "--eps", "0.05,0.1", "--transfer-steps", "2",
                         "--restarts", "1", "--limit", "20", "--out", str(tmp_path / "ts"), "--no-progress"], capsys)
     assert code == 0, err
     sets = tmp_path / "ts" / "transfer_sets"
     assert (sets / "sets.pt").is_file() and (sets / "manifest.json").is_file()
-    code, _, err = run(["evaluate", ckpt, "--protocol", "blackbox", "--transfer-sets", str(sets), "--steps", "2",
+    code, _, err = run_cli(["evaluate", ckpt, "--protocol", "blackbox", "--transfer-sets", str(sets), "--steps", "2",
                         "--limit", "20", "--out", str(tmp_path / "bb"), "--no-progress"], capsys)
     assert code == 0, err
     bb = json.loads((tmp_path / "bb" / "results.json").read_text())["results"]["blackbox"]
@@ -73,7 +65,7 @@ def test_attack_transfer_sets_then_blackbox(ckpt, capsys, tmp_path):
 
 def test_attack_saves_examples_in_the_ball(ckpt, capsys, tmp_path):
     out = tmp_path / "atk"
-    code, _, err = run(["attack", ckpt, "--attack", "ga3", "--param", "members=[0,1]", "--eps", "0.1",
+    code, _, err = run_cli(["attack", ckpt, "--attack", "ga3", "--param", "members=[0,1]", "--eps", "0.1",
                         "--limit", "25", "--out", str(out), "--no-progress"], capsys)
     assert code == 0, err
     saved = torch.load(out / "adversarial.pt", weights_only=True)
@@ -92,16 +84,16 @@ def test_attack_saves_examples_in_the_ball(ckpt, capsys, tmp_path):
     (["--protocol", "blackbox"], "needs --transfer-sets"),
 ])
 def test_evaluate_bad_input_one_line(ckpt, capsys, tmp_path, argv, needle):
-    code, _, err = run(["evaluate", ckpt, "--limit", "10", *argv, "--out", str(tmp_path / "e"), "--no-progress"],
+    code, _, err = run_cli(["evaluate", ckpt, "--limit", "10", *argv, "--out", str(tmp_path / "e"), "--no-progress"],
                        capsys)
     assert code == 2, err
     assert needle in err and "Traceback" not in err
 
 
 def test_attack_bad_input_one_line(ckpt, capsys, tmp_path):
-    code, _, err = run(["attack", ckpt, "--attack", "pgd", "--param", "wings=2", "--out", str(tmp_path / "a")], capsys)
+    code, _, err = run_cli(["attack", ckpt, "--attack", "pgd", "--param", "wings=2", "--out", str(tmp_path / "a")], capsys)
     assert code == 2 and "bad options for attack 'pgd'" in err
-    code, _, err = run(["attack", ckpt, "--member", "7", "--out", str(tmp_path / "a")], capsys)
+    code, _, err = run_cli(["attack", ckpt, "--member", "7", "--out", str(tmp_path / "a")], capsys)
     assert code == 2 and "--member 7 out of range" in err
 
 

@@ -4,15 +4,7 @@ import json
 
 import pytest
 
-from phalanx.cli.main import main
-
-
-def run(argv, capsys):
-    with pytest.raises(SystemExit) as exc:
-        main(argv)
-        raise SystemExit(0)
-    out = capsys.readouterr()
-    return exc.value.code, out.out, out.err
+from conftest import run_cli
 
 
 @pytest.mark.parametrize("argv,needle", [
@@ -29,7 +21,7 @@ def run(argv, capsys):
     (["evaluate", "/nonexistent.pt"], "does not exist"),
 ])
 def test_cli_errors_are_one_line_exit_2(argv, needle, capsys, tmp_path):
-    code, _, err = run([*argv, "--out", str(tmp_path / "r"), "--no-progress"] if argv[0] == "train" else argv, capsys)
+    code, _, err = run_cli([*argv, "--out", str(tmp_path / "r"), "--no-progress"] if argv[0] == "train" else argv, capsys)
     assert code == 2
     assert needle in err
     assert "Traceback" not in err
@@ -39,7 +31,7 @@ def test_cli_errors_are_one_line_exit_2(argv, needle, capsys, tmp_path):
 def test_cli_corrupted_checkpoint(capsys, tmp_path):
     bad = tmp_path / "bad.pt"
     bad.write_bytes(b"garbage")
-    code, _, err = run(["evaluate", str(bad)], capsys)
+    code, _, err = run_cli(["evaluate", str(bad)], capsys)
     assert code == 2 and "corrupted" in err
 
 
@@ -47,7 +39,7 @@ def test_cli_train_writes_run_folder_and_resumes(capsys, tmp_path):
     out = tmp_path / "run"
     cfg = tmp_path / "c.toml"
     cfg.write_text('[model]\nname = "mlp"\nmembers = 2\nwidths = [8]\n[train]\nbatch_size = 256\n[eval]\nlimit = 40\nsteps = 2\n')
-    code, stdout, _ = run(["train", "--config", str(cfg), "--epochs", "1", "--set", "train.lr=0.05",
+    code, stdout, _ = run_cli(["train", "--config", str(cfg), "--epochs", "1", "--set", "train.lr=0.05",
                            "--eps", "0,0.1", "--out", str(out), "--no-progress"], capsys)
     assert code == 0, stdout
     for name in ("config.json", "environment.json", "metrics.jsonl", "results.json", "report.md",
@@ -60,20 +52,20 @@ def test_cli_train_writes_run_folder_and_resumes(capsys, tmp_path):
     assert env["seed"] == 0 and "torch" in env
     assert json.loads((out / "config.json").read_text())["model"]["widths"] == [8]
     # resume a finished run with more epochs: continues from epoch 1
-    code, _, _ = run(["train", "--resume", str(out), "--epochs", "2", "--no-progress"], capsys)
+    code, _, _ = run_cli(["train", "--resume", str(out), "--epochs", "2", "--no-progress"], capsys)
     assert code == 0
     epochs = [json.loads(x)["epoch"] for x in (out / "metrics.jsonl").read_text().splitlines()]
     assert epochs == [1, 2]
     # resuming with a different architecture is refused
-    code, _, err = run(["train", "--resume", str(out), "--model", "small-cnn", "--no-progress"], capsys)
+    code, _, err = run_cli(["train", "--resume", str(out), "--model", "small-cnn", "--no-progress"], capsys)
     assert code == 2 and "differs from the saved config" in err
     # evaluate the checkpoint
-    code, _, _ = run(["evaluate", str(out / "ensemble.pt"), "--limit", "30", "--eps", "0.05", "--steps", "2",
+    code, _, _ = run_cli(["evaluate", str(out / "ensemble.pt"), "--limit", "30", "--eps", "0.05", "--steps", "2",
                       "--out", str(tmp_path / "ev"), "--no-progress"], capsys)
     assert code == 0 and (tmp_path / "ev" / "report.md").is_file()
 
 
 def test_cli_info_lists_registries(capsys):
-    code, out, _ = run(["info", "--json"], capsys)
+    code, out, _ = run_cli(["info", "--json"], capsys)
     info = json.loads(out)
     assert code == 0 and "digits" in info["datasets"] and "lenet5" in info["models"] and "pgd" in info["attacks"]

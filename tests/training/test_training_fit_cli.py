@@ -10,8 +10,8 @@ from typing import Any
 import pytest
 import torch
 
+from conftest import run_cli
 from phalanx import Ensemble, TrainConfig, create_method, create_model, fit
-from phalanx.cli.main import main
 
 
 class Killed(RuntimeError):
@@ -48,13 +48,6 @@ def test_resume_after_kill_matches_uninterrupted(digits: Any, tmp_path: Any, nam
         assert torch.equal(a, b)
 
 
-def _run(argv: list[str], capsys: Any) -> tuple[int, str, str]:
-    with pytest.raises(SystemExit) as exc:
-        main(argv)
-        raise SystemExit(0)
-    out = capsys.readouterr()
-    return int(exc.value.code or 0), out.out, out.err
-
 
 @pytest.mark.parametrize("method,sets", [
     ("igat", ["method.base=dverge", "method.base_options={steps=2}", "method.eps=0.1", "method.steps=2"]),
@@ -66,7 +59,7 @@ def test_cli_train_with_method(method: str, sets: list[str], capsys: Any, tmp_pa
             "--out", str(tmp_path / "r"), "--no-progress"]
     for s in sets:
         argv += ["--set", s]
-    code, _, err = _run(argv, capsys)
+    code, _, err = run_cli(argv, capsys)
     assert code == 0, err
     cfg = json.loads((tmp_path / "r" / "config.json").read_text())
     assert cfg["method"]["name"] == method
@@ -83,5 +76,5 @@ def test_cli_train_with_method(method: str, sets: list[str], capsys: Any, tmp_pa
     (["--method", "dverge", "--set", "method.generation=test"], "generation must be one of"),
 ])
 def test_cli_method_errors_are_one_line(sets: list[str], needle: str, capsys: Any, tmp_path: Any) -> None:
-    code, _, err = _run(["train", *sets, "--out", str(tmp_path / "r"), "--no-progress"], capsys)
+    code, _, err = run_cli(["train", *sets, "--out", str(tmp_path / "r"), "--no-progress"], capsys)
     assert code == 2 and needle in err and "Traceback" not in err
