@@ -28,13 +28,13 @@ from typing import Any
 
 import torch
 
-from phalanx.verification.randomized import (
+from phalanx.randomized.attack import (
     RandomizedAttackConfig,
     RandomizedAttackResult,
     comparison_attackers,
     randomized_attack,
 )
-from phalanx.verification.randomized_digits import attack_points, binary_digits, train_binary_classifiers
+from phalanx.randomized.digits import attack_points, binary_digits, train_binary_classifiers
 
 WIDTHS = [(8,), (10,), (12,), (16,), (20,)]
 TO = "TO"

@@ -4,6 +4,7 @@ Train ensembles whose members do not share vulnerabilities, attack them as a rea
 would, and verify them formally.
 """
 
+from phalanx import _moved
 from phalanx.data import DatasetSplits, load_dataset
 from phalanx.ensembles import Combiner, Ensemble, load_ensemble, save_ensemble
 from phalanx.errors import PhalanxError
@@ -12,6 +13,8 @@ from phalanx.training import METHODS, TrainConfig, TrainingMethod, create_method
 from phalanx.types import Norm, ThreatModel
 
 __version__ = "0.1.0"
+
+_moved.install()  # old import paths of the 0.2 layout, with a DeprecationWarning
 
 __all__ = [
     "METHODS", "MODELS", "Combiner", "DatasetSplits", "Ensemble", "Norm", "PhalanxError",

@@ -21,7 +21,7 @@ from phalanx.evaluation import (
     transferability_matrix,
     whitebox_evaluation,
 )
-from phalanx.evaluation.protocols import EvaluationSpec
+from phalanx.workflows.evaluation import EvaluationSpec
 
 
 def _gen(seed: int = 0) -> torch.Generator:
@@ -135,9 +135,9 @@ def test_spec_rejects_bad_input():
 
 
 def test_demo_stage_adds_curves_and_heat_map(cnn_ensemble, digits, tmp_path):
-    from phalanx.cli.config import build_config
+    from phalanx.config import build_config
     from phalanx.demo import DEMO_CONFIG, DemoContext
-    from phalanx.evaluation.demo_stage import stage_attacks
+    from phalanx.demo.attacks import stage_attacks
 
     tree = {k: dict(v) for k, v in DEMO_CONFIG.items()}
     tree["eval"].update({"limit": 30, "steps": 2, "eps": [0.0, 0.1]})

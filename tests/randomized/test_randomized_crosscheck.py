@@ -12,8 +12,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
-from phalanx.verification.randomized import RandomizedAttackConfig, Verdict, randomized_attack
-from phalanx.verification.randomized_math import maximal_patterns
+from phalanx.randomized.attack import RandomizedAttackConfig, Verdict, randomized_attack
+from phalanx.randomized.objectives import maximal_patterns
 
 
 def _pattern_feasible(w: np.ndarray, b: np.ndarray, x0: np.ndarray, eps: float, subset: tuple[int, ...]) -> bool:

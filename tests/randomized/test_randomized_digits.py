@@ -10,13 +10,13 @@ import numpy as np
 import pytest
 import torch
 
-from phalanx.verification.randomized import RandomizedAttackConfig, Verdict, randomized_attack
-from phalanx.verification.randomized_problem import prepare_classifiers, recheck_attack
+from phalanx.randomized.attack import RandomizedAttackConfig, Verdict, randomized_attack
+from phalanx.randomized.problem import prepare_classifiers, recheck_attack
 
 
 @pytest.fixture(scope="module")
 def binary_setup():  # type: ignore[no-untyped-def]
-    from phalanx.verification.randomized_digits import attack_points, binary_digits, train_binary_classifiers
+    from phalanx.randomized.digits import attack_points, binary_digits, train_binary_classifiers
 
     data = binary_digits((3, 6))
     ens = train_binary_classifiers(data, num=3, widths=(8,), epochs=8, seed=0)

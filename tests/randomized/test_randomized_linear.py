@@ -11,14 +11,14 @@ import torch
 from torch import nn
 
 from phalanx.errors import PhalanxError
-from phalanx.verification.randomized import (
+from phalanx.randomized.attack import (
     RandomizedAttackConfig,
     Verdict,
     comparison_attackers,
     fooling_patterns,
     randomized_attack,
 )
-from phalanx.verification.randomized_problem import recheck_attack
+from phalanx.randomized.problem import recheck_attack
 
 HAS_Z3 = importlib.util.find_spec("z3") is not None
 requires_z3 = pytest.mark.skipif(not HAS_Z3, reason="z3 not installed")
@@ -47,7 +47,7 @@ def cfg(**kw: object) -> RandomizedAttackConfig:
 
 def assert_rechecks(res, clfs, x, y, config) -> None:  # type: ignore[no-untyped-def]
     """The returned attack's value and losses are what the PyTorch models say."""
-    from phalanx.verification.randomized_problem import prepare_classifiers
+    from phalanx.randomized.problem import prepare_classifiers
 
     assert res.rechecked
     rc = recheck_attack(prepare_classifiers(clfs, x.shape[1:]), x.double().numpy(), y.numpy(),

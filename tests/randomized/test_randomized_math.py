@@ -10,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from phalanx.errors import PhalanxError
-from phalanx.verification.randomized_math import (
+from phalanx.randomized.objectives import (
     couple_distributions,
     loss_counts,
     maximal_patterns,

@@ -7,7 +7,7 @@ from typing import Any
 import pytest
 import torch
 
-from phalanx.training.demo_stage import mean_off_diagonal
+from phalanx.demo.diversity import mean_off_diagonal
 
 
 def test_mean_off_diagonal_ignores_diagonal_and_ensemble_column() -> None:
@@ -17,7 +17,7 @@ def test_mean_off_diagonal_ignores_diagonal_and_ensemble_column() -> None:
 
 def test_demo_stage_quick(tmp_path: Any) -> None:
     from phalanx.demo import run_demo, stage_train_baseline
-    from phalanx.training.demo_stage import stage_diversity_training
+    from phalanx.demo.diversity import stage_diversity_training
 
     ctx = run_demo(tmp_path, progress=False, overrides={"train": {"epochs": 2}, "eval": {"limit": 40, "steps": 2}},
                    stages=[stage_train_baseline, stage_diversity_training])

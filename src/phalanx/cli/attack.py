@@ -17,7 +17,7 @@ from phalanx.cli.common import (
     run_dir_for,
     shortcut,
 )
-from phalanx.cli.config import load_config, parse_value
+from phalanx.config import load_config, parse_value
 from phalanx.errors import PhalanxError
 
 PROTOCOLS = ("whitebox", "blackbox", "transferability", "diversity")
@@ -53,7 +53,7 @@ def parse_ints(text: str | None, flag: str) -> tuple[int, ...]:
 def _load(checkpoint: str, config_path: str | None, overrides: tuple[str, ...], dataset: str | None,
           data_dir: str | None, limit: int | None, eps: str | None, device: str | None) -> tuple[Any, Any, Any, Any]:
     from phalanx.ensembles import checkpoint_info
-    from phalanx.experiment import load_data, load_for_eval
+    from phalanx.workflows.experiment import load_data, load_for_eval
 
     info = checkpoint_info(checkpoint)
     tree: dict[str, dict[str, Any]] = {"data": {"dataset": info.get("dataset") or "digits"}}
@@ -111,7 +111,7 @@ def attack(checkpoints: tuple[str, ...], config_path: str | None, overrides: tup
     write_json(run_dir / "environment.json", environment(seed, cfg.train.device))
     gen = torch.Generator().manual_seed(seed)
     if transfer_sets:
-        from phalanx.experiment import load_for_eval
+        from phalanx.workflows.experiment import load_for_eval
 
         sources = {Path(c).stem: load_for_eval(c, cfg.train.device).eval() for c in checkpoints}
         eps_list = [e for e in cfg.eval.eps if e > 0] if eps is not None or cfg.eval.eps else []
@@ -209,9 +209,9 @@ def evaluate(checkpoint: str, config_path: str | None, overrides: tuple[str, ...
              out: str | None, progress: bool) -> None:
     """Evaluate a saved ensemble with a protocol: white-box curves (several attacks, worst case,
     members), black-box transfer sets, the transferability matrix or DVERGE's diversity."""
-    from phalanx.evaluation.protocols import EvaluationSpec, run_evaluation
     from phalanx.reports.evaluation_report import write_evaluation_report
     from phalanx.runs import environment, write_json, write_results
+    from phalanx.workflows.evaluation import EvaluationSpec, run_evaluation
 
     extra: list[str] = list(overrides)
     for key, val in (("attack", attack), ("steps", steps), ("restarts", restarts)):

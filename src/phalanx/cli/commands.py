@@ -17,7 +17,7 @@ from phalanx.cli.common import (
     run_dir_for,
     shortcut,
 )
-from phalanx.cli.config import load_config
+from phalanx.config import load_config
 from phalanx.errors import PhalanxError
 
 
@@ -46,7 +46,7 @@ def train(config_path: str | None, overrides: tuple[str, ...], dataset: str | No
           batch_size: int | None, lr: float | None, seed: int | None, eps: str | None, resume_dir: str | None,
           init_path: str | None, device: str | None, out: str | None, progress: bool) -> None:
     """Train an ensemble; writes a run folder with checkpoints, metrics, results and a report."""
-    from phalanx.experiment import evaluate_ensemble, train_run, write_train_report
+    from phalanx.workflows.experiment import evaluate_ensemble, train_run, write_train_report
 
     tree: dict[str, dict[str, Any]] = {}
     if resume_dir is not None:

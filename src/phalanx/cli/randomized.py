@@ -60,9 +60,9 @@ def randomized_attack_cmd(checkpoints: tuple[str, ...], members: str | None, dat
 
     from phalanx.data import load_dataset
     from phalanx.ensembles import checkpoint_info, load_ensemble
-    from phalanx.verification.randomized import RandomizedAttackConfig, comparison_attackers, randomized_attack
-    from phalanx.verification.randomized_digits import attack_points, binary_pair
-    from phalanx.verification.randomized_report import plot_attacks, render_report
+    from phalanx.randomized.attack import RandomizedAttackConfig, comparison_attackers, randomized_attack
+    from phalanx.randomized.digits import attack_points, binary_pair
+    from phalanx.randomized.report import plot_attacks, render_report
 
     config = RandomizedAttackConfig(eps=eps, alpha=alpha, num_attacks=num_attacks, norm=norm,
                                     bounds=None if unbounded else (0.0, 1.0), objective=objective,

@@ -43,7 +43,7 @@ def _common(f: Callable[..., Any]) -> Callable[..., Any]:
 
 def _config(eps: str, points: int, backend: str, complete: str | None, time_limit: float, workers: int,
             members: str | None, data_dir: str | None, seed: int, retry_undecided: bool = False, **kw: Any) -> Any:
-    from phalanx.verification.workflows import VerifyConfig
+    from phalanx.workflows.verify import VerifyConfig
 
     opts: dict[str, Any] = {}
     if complete is not None:
@@ -72,7 +72,7 @@ def verify() -> None:
 def pairs(checkpoint: str, label: int | None, subset_size: int, runner_up: bool, split: str, out: str | None,
           progress: bool, **kw: Any) -> None:
     """Mutual-error queries and uniqueness scores of a checkpoint's members (resumable with --out)."""
-    from phalanx.verification.workflows import verify_pairs
+    from phalanx.workflows.verify import verify_pairs
 
     cfg = _config(label=label, subset_size=subset_size, runner_up=runner_up, split=split, **kw)
     run_dir = run_dir_for(out, "verify-pairs")
@@ -89,7 +89,7 @@ def pairs(checkpoint: str, label: int | None, subset_size: int, runner_up: bool,
 @progress_option
 def ensemble(checkpoint: str, combiner: str | None, out: str | None, progress: bool, **kw: Any) -> None:
     """Verified robust accuracy of the whole ensemble on random test points (PGD alongside)."""
-    from phalanx.verification.workflows import verify_ensemble
+    from phalanx.workflows.verify import verify_ensemble
 
     cfg = _config(**kw)
     run_dir = run_dir_for(out, "verify-ensemble")
@@ -114,7 +114,7 @@ def ensemble(checkpoint: str, combiner: str | None, out: str | None, progress: b
 def select(checkpoint: str, k: int, label: int | None, initial: str | None, max_iters: int,
            time_budget: float | None, validate_points: int, out: str | None, progress: bool, **kw: Any) -> None:
     """Verification-aided member selection (Amir et al. 2022, section III-C) from n > k candidates."""
-    from phalanx.verification.workflows import select as run_select
+    from phalanx.workflows.verify import select as run_select
 
     cfg = _config(label=label, **kw)
     run_dir = run_dir_for(out, "select")
@@ -138,8 +138,8 @@ def select(checkpoint: str, k: int, label: int | None, initial: str | None, max_
 def export_vnnlib(checkpoint: str, eps: str, index: int, members: str | None, kind: str, runner_up: bool,
                   data_dir: str | None, out: str | None) -> None:
     """Export a query as ONNX networks plus a VNN-LIB property for external verifiers."""
-    from phalanx.verification.workflows import VerifyConfig
-    from phalanx.verification.workflows import export_vnnlib as run_export
+    from phalanx.workflows.verify import VerifyConfig
+    from phalanx.workflows.verify import export_vnnlib as run_export
 
     cfg = VerifyConfig(eps=tuple(parse_eps_list(eps) or []), points=index + 1, members=_members(members),
                        runner_up=runner_up, data_dir=data_dir)

@@ -1,5 +1,6 @@
 """Ensembles of classifiers and their checkpoint format."""
 
+from phalanx.ensembles.build import ModelConfig, build_ensemble
 from phalanx.ensembles.checkpoint import (
     atomic_save,
     checkpoint_info,
@@ -11,5 +12,6 @@ from phalanx.ensembles.checkpoint import (
 )
 from phalanx.ensembles.ensemble import Combiner, Ensemble, combine
 
-__all__ = ["Combiner", "Ensemble", "atomic_save", "checkpoint_info", "combine", "ensemble_from_state",
+__all__ = ["Combiner", "Ensemble", "ModelConfig", "atomic_save", "build_ensemble", "checkpoint_info", "combine",
+           "ensemble_from_state",
            "ensemble_state", "load_ensemble", "safe_load", "save_ensemble"]

@@ -15,7 +15,6 @@ from phalanx.evaluation.transfer import (
     generate_transfer_sets,
     load_transfer_sets,
     score_transfer_sets,
-    train_surrogates,
     transfer_attacks,
 )
 from phalanx.evaluation.transferability import correct_by_all, diversity_matrix, transferability_matrix
@@ -24,5 +23,5 @@ from phalanx.evaluation.whitebox import describe_attack, whitebox_evaluation
 __all__ = ["CurvePoint", "SanityCheck", "adversarial_direction", "check_blackbox_vs_whitebox", "check_convergence",
            "check_single_vs_multi", "correct_by_all", "decision_regions", "describe_attack", "diversity_matrix",
            "evaluate_clean", "generate_transfer_sets", "gradient_sanity_checks", "load_transfer_sets", "model_device",
-           "robust_accuracy_curve", "robust_correct", "score_transfer_sets", "train_surrogates", "transfer_attacks",
+           "robust_accuracy_curve", "robust_correct", "score_transfer_sets", "transfer_attacks",
            "transferability_matrix", "whitebox_evaluation"]

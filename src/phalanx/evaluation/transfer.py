@@ -21,8 +21,7 @@ import torch
 from torch import Tensor, nn
 
 from phalanx.attacks import Attack, create_attack
-from phalanx.data import DatasetSplits, Split, iterate_batches
-from phalanx.ensembles import Ensemble
+from phalanx.data import Split, iterate_batches
 from phalanx.errors import PhalanxError
 from phalanx.evaluation.clean import model_device
 from phalanx.types import Norm, ThreatModel, check_eps
@@ -46,26 +45,6 @@ def transfer_attacks(*, steps: int = 100, restarts: int = 3, losses: Sequence[st
                     out[f"mpgd-{loss}-r{r}"] = create_attack("mpgd", steps=steps, step_size=step_size, loss=loss)
             else:
                 out[f"{kind}-{loss}"] = create_attack(kind, steps=steps, step_size=step_size, loss=loss)
-    return out
-
-
-def train_surrogates(data: DatasetSplits, sizes: Sequence[int] = (3, 5, 8), *, model: str = "small-cnn",
-                     epochs: int = 10, lr: float = 0.05, batch_size: int = 64, seed: int = 1000,
-                     device: str = "cpu", progress: bool = False) -> dict[str, Ensemble]:
-    """Baseline ensembles of each size, seeded apart from the defenses (``seed + size``)."""
-    from phalanx.cli.config import ModelConfig
-    from phalanx.experiment import build_ensemble
-    from phalanx.training import TrainConfig, create_method, fit
-
-    out: dict[str, Ensemble] = {}
-    for size in sizes:
-        if isinstance(size, bool) or not isinstance(size, int) or size < 1:
-            raise PhalanxError(f"surrogate sizes must be integers >= 1, got {size!r}")
-        ens = build_ensemble(ModelConfig(name=model, members=size), data, seed=seed + size)
-        fit(ens, create_method("baseline"), data,
-            TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, seed=seed + size, device=device),
-            progress=progress)
-        out[f"baseline-{size}"] = ens.eval()
     return out
 
 
@@ -174,4 +153,4 @@ def save_manifest_note(out_dir: str | Path, note: Mapping[str, Any]) -> None:
 
 
 __all__ = ["generate_transfer_sets", "load_transfer_sets", "save_manifest_note", "score_transfer_sets",
-           "train_surrogates", "transfer_attacks"]
+           "transfer_attacks"]

@@ -27,17 +27,20 @@ def _z3() -> Any:
     return z3
 
 
-def _q(z3: Any, v: float) -> Any:
+def exact_real(z3: Any, v: float) -> Any:
+    """The float ``v`` as an exact z3 rational."""
     f = Fraction(float(v))
     return z3.Q(f.numerator, f.denominator) if f.denominator != 1 else z3.RealVal(f.numerator)
 
 
-class _Enc:
+class Z3NetworkEncoder:
+    """Adds an IR network's exact constraints (affine layers, ReLU/leaky-ReLU cases) to a z3 solver."""
+
     def __init__(self, z3: Any, solver: Any) -> None:
         self.z3, self.s, self.k = z3, solver, 0
         self.pre: Any = iter(())
 
-    def with_bounds(self, pre: Any) -> _Enc:
+    def with_bounds(self, pre: Any) -> Z3NetworkEncoder:
         """Use sound pre-activation bounds: stable units become linear terms."""
         self.pre = iter(pre)
         return self
@@ -54,8 +57,8 @@ class _Enc:
                 y = self.fresh(op.bias.size)
                 for j in range(op.bias.size):
                     row = op.weight[j]
-                    terms = [_q(z3, row[i]) * h[i] for i in np.nonzero(row)[0]]
-                    self.s.add(y[j] == z3.Sum(terms) + _q(z3, op.bias[j]) if terms else y[j] == _q(z3, op.bias[j]))
+                    terms = [exact_real(z3, row[i]) * h[i] for i in np.nonzero(row)[0]]
+                    self.s.add(y[j] == z3.Sum(terms) + exact_real(z3, op.bias[j]) if terms else y[j] == exact_real(z3, op.bias[j]))
                 h = y
             elif isinstance(op, MaxPool):
                 next(self.pre, None)
@@ -70,7 +73,7 @@ class _Enc:
                 a, b = self.run(op.branch, h), self.run(op.shortcut, h)
                 h = [u + v for u, v in zip(a, b, strict=True)]
             else:  # ReLU / leaky ReLU: linear where the bounds make the unit stable
-                a_ = _q(z3, 0.0 if isinstance(op, Relu) else op.slope)
+                a_ = exact_real(z3, 0.0 if isinstance(op, Relu) else op.slope)
                 lo, hi = next(self.pre, (np.full(len(h), -np.inf), np.full(len(h), np.inf)))
                 out = []
                 for i, v in enumerate(h):
@@ -127,18 +130,18 @@ class SmtVerifier(Verifier):
         lo, hi = query.box()
         x = [z3.Real(f"x{i}") for i in range(lo.size)]
         for i, v in enumerate(x):
-            s.add(v >= _q(z3, lo[i]), v <= _q(z3, hi[i]))
-        enc = _Enc(z3, s)
+            s.add(v >= exact_real(z3, lo[i]), v <= exact_real(z3, hi[i]))
+        enc = Z3NetworkEncoder(z3, s)
         y: list[Any] = []
         for net, nb in zip(query.nets, qb.nets, strict=True):
             y += enc.with_bounds(nb.pre).run(net.ops, x)
-        m = _q(z3, margin)
+        m = exact_real(z3, margin)
         holds = []
         for g in query.groups():
             disj = []
             for c in g:
                 nz = np.nonzero(c)[0]
-                disj.append(z3.Sum([_q(z3, c[i]) * y[i] for i in nz]) >= m)
+                disj.append(z3.Sum([exact_real(z3, c[i]) * y[i] for i in nz]) >= m)
             holds.append(z3.Or(disj))
         if query.required == len(holds):
             s.add(*holds)

@@ -6,10 +6,10 @@ randomized attack (A, P) with misclassification value Val (eq. 1) >= alpha, comp
 value, or proves that no such attack exists (Def. 6). Three backends:
 
 - ``decomposition`` (not in the paper): per point, the *fooling patterns* (subsets of classifiers
-  one perturbation fools together, ``randomized_patterns``); then the optimal attack is a small
-  LP / MILP over patterns with no network inside (``randomized_math.optimal_pattern_attack``);
-- ``milp``: the paper's monolithic MILP, eqs. (4)-(8) (``randomized_milp``);
-- ``smt``: the paper's z3 encoding, the baseline (``randomized_smt``).
+  one perturbation fools together, ``randomized.patterns``); then the optimal attack is a small
+  LP / MILP over patterns with no network inside (``objectives.optimal_pattern_attack``);
+- ``milp``: the paper's monolithic MILP, eqs. (4)-(8) (``milp``);
+- ``smt``: the paper's z3 encoding, the baseline (``smt``).
 
 Shortcuts: Lemma 2 (alpha = 1: Val = 1 iff one deterministic attack fools every classifier on
 every point — decided point by point) and Prop. 1 / ``sufficient_num_attacks`` to choose |A|.
@@ -31,8 +31,7 @@ import torch
 from torch import nn
 
 from phalanx.errors import PhalanxError
-from phalanx.types import Norm
-from phalanx.verification.randomized_math import (
+from phalanx.randomized.objectives import (
     PatternAttack,
     clean_probabilities,
     expected_losses,
@@ -42,8 +41,8 @@ from phalanx.verification.randomized_math import (
     prop1_attack_bound,
     sufficient_num_attacks,
 )
-from phalanx.verification.randomized_patterns import PointPatterns
-from phalanx.verification.randomized_problem import (
+from phalanx.randomized.patterns import PointPatterns
+from phalanx.randomized.problem import (
     BACKENDS,
     VALUE_TOL,
     Classifiers,
@@ -54,6 +53,7 @@ from phalanx.verification.randomized_problem import (
     prepare_classifiers,
     recheck_attack,
 )
+from phalanx.types import Norm
 
 log = logging.getLogger(__name__)
 
@@ -83,7 +83,7 @@ class _Run:
 
     def __init__(self, classifiers: Sequence[nn.Module], x: np.ndarray, y: np.ndarray,
                  config: RandomizedAttackConfig, progress: bool) -> None:
-        from phalanx.verification.randomized_patterns import PatternSolver
+        from phalanx.randomized.patterns import PatternSolver
 
         self.t0 = time.perf_counter()
         self.cfg = config
@@ -143,7 +143,7 @@ class _Run:
     def repair(self, attacks: np.ndarray, patterns: list[list[frozenset[int]]]) -> np.ndarray:
         """Solvers answer with margin 0, so a witness may sit on a tie; re-solve those (attack,
         point) pairs as pattern queries with the attack margin (the networks are small MILPs)."""
-        from phalanx.verification.randomized_patterns import fooled_set
+        from phalanx.randomized.patterns import fooled_set
 
         out = attacks.copy()
         fixed = failed = 0
@@ -165,7 +165,7 @@ class _Run:
     def lemma2(self) -> RandomizedAttackResult | None:
         """alpha = 1: Val = 1 iff a deterministic attack fools all classifiers on all points
         (Gross et al. Lemma 2), i.e. iff the full pattern is feasible at every point."""
-        from phalanx.verification.randomized_patterns import enumerate_patterns
+        from phalanx.randomized.patterns import enumerate_patterns
 
         full = frozenset(range(self.cn))
         witnesses, proven_out = [], False
@@ -193,7 +193,7 @@ class _Run:
 
     # --- backends -------------------------------------------------------------------------------
     def decomposition(self) -> RandomizedAttackResult:
-        from phalanx.verification.randomized_patterns import enumerate_patterns
+        from phalanx.randomized.patterns import enumerate_patterns
 
         cfg = self.cfg
         it: Any = range(self.n)
@@ -233,8 +233,8 @@ class _Run:
                            proven_below_alpha=proven)
 
     def milp(self) -> RandomizedAttackResult:
-        from phalanx.verification.randomized_math import misclassification_value
-        from phalanx.verification.randomized_milp import solve_monolithic_milp
+        from phalanx.randomized.milp import solve_monolithic_milp
+        from phalanx.randomized.objectives import misclassification_value
 
         cfg = self.cfg
         suff = sufficient_num_attacks(self.n, self.cn)
@@ -258,7 +258,7 @@ class _Run:
                            solver_value=claimed, proven_below_alpha=proven)
 
     def smt(self) -> RandomizedAttackResult:
-        from phalanx.verification.randomized_smt import solve_smt
+        from phalanx.randomized.smt import solve_smt
 
         cfg = self.cfg
         suff = sufficient_num_attacks(self.n, self.cn)
@@ -298,7 +298,7 @@ def fooling_patterns(
 ) -> list[PointPatterns]:
     """Per point, which subsets of the classifiers one eps-bounded perturbation fools together
     (with a witness for each feasible pattern): the network part of the decomposition."""
-    from phalanx.verification.randomized_patterns import enumerate_patterns
+    from phalanx.randomized.patterns import enumerate_patterns
 
     xa, ya = _as_arrays(x, y, config)
     run = _Run(classifiers, xa, ya, config, progress)

@@ -18,8 +18,8 @@ from typing import Any
 
 import numpy as np
 
-from phalanx.verification.randomized_encoding import add_misclassified, add_perturbed_point, can_misclassify
-from phalanx.verification.randomized_patterns import PatternSolver
+from phalanx.randomized.encoding import add_misclassified, add_perturbed_point, can_misclassify
+from phalanx.randomized.patterns import PatternSolver
 
 
 @dataclass

@@ -20,11 +20,11 @@ from typing import Any
 import numpy as np
 
 from phalanx.errors import PhalanxError
+from phalanx.randomized.milp import RawAttack
+from phalanx.randomized.patterns import PatternSolver
+from phalanx.randomized.problem import VALUE_TOL, into_ball, recheck_attack
 from phalanx.types import Norm
-from phalanx.verification.randomized_milp import RawAttack
-from phalanx.verification.randomized_patterns import PatternSolver
-from phalanx.verification.randomized_problem import VALUE_TOL, into_ball, recheck_attack
-from phalanx.verification.smt import _q
+from phalanx.verification.smt import exact_real
 
 
 def _z3() -> Any:
@@ -37,7 +37,7 @@ def _z3() -> Any:
 
 def _solve_once(z3: Any, solver: PatternSolver, a: int, margin: float,
                 timeout_s: float) -> tuple[str, np.ndarray | None, np.ndarray | None]:
-    from phalanx.verification.smt import _Enc  # the one z3 network encoder
+    from phalanx.verification.smt import Z3NetworkEncoder  # the one z3 network encoder
 
     x, y, cfg, nets = solver.x, solver.y, solver.cfg, solver.clf.nets
     n, d = x.shape
@@ -51,26 +51,26 @@ def _solve_once(z3: Any, solver: PatternSolver, a: int, margin: float,
         row = []
         for j in range(n):
             xv = [z3.Real(f"x_{i}_{j}_{k}") for k in range(d)]
-            dev = [xv[k] - _q(z3, x[j, k]) for k in range(d)]
+            dev = [xv[k] - exact_real(z3, x[j, k]) for k in range(d)]
             if norm is Norm.L1:  # eq. (5) with |.| as If
-                s.add(z3.Sum(*[z3.If(e >= 0, e, -e) for e in dev]) <= _q(z3, cfg.eps))
+                s.add(z3.Sum(*[z3.If(e >= 0, e, -e) for e in dev]) <= exact_real(z3, cfg.eps))
             else:
-                s.add(*[z3.And(e <= _q(z3, cfg.eps), e >= _q(z3, -cfg.eps)) for e in dev])
+                s.add(*[z3.And(e <= exact_real(z3, cfg.eps), e >= exact_real(z3, -cfg.eps)) for e in dev])
             if cfg.bounds is not None:
-                lo, hi = _q(z3, cfg.bounds[0]), _q(z3, cfg.bounds[1])
+                lo, hi = exact_real(z3, cfg.bounds[0]), exact_real(z3, cfg.bounds[1])
                 s.add(*[z3.And(v >= lo, v <= hi) for v in xv])
             row.append(xv)
         pts.append(row)
-    enc = _Enc(z3, s)
+    enc = Z3NetworkEncoder(z3, s)
     for c, net in enumerate(nets):  # eq. (4) with the loss of eq. (8)
         acc = []
         for i in range(a):
             for j in range(n):
                 z = enc.with_bounds(solver.bounds(j, c).bounds.pre).run(net.ops, pts[i][j])
                 yj = int(y[j])
-                wrong = z3.Or(*[z[r] - z[yj] >= _q(z3, margin) for r in range(len(z)) if r != yj])
+                wrong = z3.Or(*[z[r] - z[yj] >= exact_real(z3, margin) for r in range(len(z)) if r != yj])
                 acc.append(z3.If(wrong, p[i], 0))
-        s.add(z3.Sum(*acc) >= _q(z3, cfg.alpha * n))
+        s.add(z3.Sum(*acc) >= exact_real(z3, cfg.alpha * n))
     res = s.check()
     if res == z3.unsat:
         return "infeasible", None, None

@@ -2,7 +2,7 @@
 perturbation can misclassify *together* (the network part of the decomposition).
 
 A pattern query is "exists x' in the ball of x^j with every c in S wrong" — a MILP over the
-verification IR, bounds and ``encode_network`` (``randomized_encoding``). Feasible patterns are
+verification IR, bounds and ``encode_network`` (``encoding``). Feasible patterns are
 closed under subsets, so the enumeration (i) takes every subset of the clean point's fooled set
 for free, (ii) asks the full set C first (Lemma 2's case: if it is feasible at every point, one
 deterministic attack reaches Val = 1), then (iii) goes bottom-up by size, skipping supersets of
@@ -25,16 +25,16 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from phalanx.types import Norm
-from phalanx.verification.randomized_encoding import (
+from phalanx.randomized.encoding import (
     EncodedPoint,
     add_misclassified,
     add_perturbed_point,
     can_misclassify,
     point_bounds,
 )
-from phalanx.verification.randomized_math import Pattern, maximal_patterns
-from phalanx.verification.randomized_problem import ACCEPT_MARGIN, Classifiers, RandomizedAttackConfig, into_ball
+from phalanx.randomized.objectives import Pattern, maximal_patterns
+from phalanx.randomized.problem import ACCEPT_MARGIN, Classifiers, RandomizedAttackConfig, into_ball
+from phalanx.types import Norm
 
 log = logging.getLogger(__name__)
 

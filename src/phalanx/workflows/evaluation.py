@@ -1,10 +1,12 @@
-"""One entry point for the evaluation protocols (used by ``phalanx evaluate`` and the demo):
-an :class:`EvaluationSpec` plus an ensemble and a test split in, a JSON-ready result out."""
+"""One entry point for the evaluation protocols (used by ``phalanx evaluate`` and the demo): an
+:class:`EvaluationSpec` plus an ensemble and a test split in, a JSON-ready result out. A workflow: it composes
+the evaluation package with transfer sets and surrogate training."""
 
 from __future__ import annotations
 
 import enum
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -14,6 +16,7 @@ import torch
 from phalanx.attacks import Attack, configure_attack
 from phalanx.data import DatasetSplits, Split
 from phalanx.ensembles import Ensemble, load_ensemble
+from phalanx.ensembles.build import ModelConfig, build_ensemble
 from phalanx.errors import PhalanxError
 from phalanx.evaluation.clean import evaluate_clean, model_device
 from phalanx.evaluation.decision import decision_regions
@@ -22,14 +25,31 @@ from phalanx.evaluation.transfer import (
     generate_transfer_sets,
     load_transfer_sets,
     score_transfer_sets,
-    train_surrogates,
     transfer_attacks,
 )
 from phalanx.evaluation.transferability import diversity_matrix, transferability_matrix
 from phalanx.evaluation.whitebox import whitebox_evaluation
+from phalanx.training import TrainConfig, create_method, fit
 from phalanx.types import check_eps, parse_enum
 
 log = logging.getLogger(__name__)
+
+
+def train_surrogates(data: DatasetSplits, sizes: Sequence[int] = (3, 5, 8), *, model: str = "small-cnn",
+                     epochs: int = 10, lr: float = 0.05, batch_size: int = 64, seed: int = 1000,
+                     device: str = "cpu", progress: bool = False) -> dict[str, Ensemble]:
+    """Baseline ensembles of each size, seeded apart from the defenses (``seed + size``)."""
+    out: dict[str, Ensemble] = {}
+    for size in sizes:
+        if isinstance(size, bool) or not isinstance(size, int) or size < 1:
+            raise PhalanxError(f"surrogate sizes must be integers >= 1, got {size!r}")
+        ens = build_ensemble(ModelConfig(name=model, members=size), data, seed=seed + size)
+        fit(ens, create_method("baseline"), data,
+            TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, seed=seed + size, device=device),
+            progress=progress)
+        out[f"baseline-{size}"] = ens.eval()
+    return out
+
 
 
 class Protocol(str, enum.Enum):
@@ -129,7 +149,7 @@ def run_evaluation(spec: EvaluationSpec, ensemble: Ensemble, data: DatasetSplits
     surrogate: Any = None
     if p is Protocol.BLACKBOX:
         out["blackbox"], surrogate = _blackbox(spec, ensemble, data, split, attacks, run_dir, gen, progress)
-    out["examples"] = _examples(ensemble, split, first_name, first, max(spec.eps), gen, surrogate=surrogate)
+    out["examples"] = example_images(ensemble, split, first_name, first, max(spec.eps), gen, surrogate=surrogate)
     return out
 
 
@@ -187,7 +207,7 @@ def _blackbox(spec: EvaluationSpec, ensemble: Ensemble, data: DatasetSplits, spl
     return scored, first_source
 
 
-def _examples(ensemble: Ensemble, split: Split, name: str, attack: Attack, eps: float,
+def example_images(ensemble: Ensemble, split: Split, name: str, attack: Attack, eps: float,
               gen: torch.Generator, k: int = 8, surrogate: Any = None) -> dict[str, Any]:
     """A few clean/adversarial images and a decision-region grid for the report; the grid's
     adversarial axis comes from ``surrogate`` (DVERGE fig. 1: a benign surrogate ensemble), or

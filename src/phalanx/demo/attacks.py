@@ -9,13 +9,13 @@ from typing import TYPE_CHECKING
 import torch
 
 from phalanx.attacks import Attack, create_attack
-from phalanx.evaluation.protocols import _examples
 from phalanx.evaluation.transferability import transferability_matrix
 from phalanx.evaluation.whitebox import whitebox_evaluation
 from phalanx.reports.evaluation_report import examples_section, transferability_section, whitebox_section
+from phalanx.workflows.evaluation import example_images
 
 if TYPE_CHECKING:  # pragma: no cover
-    from phalanx.demo import DemoContext
+    from phalanx.demo.context import DemoContext
 
 #: transferability on digits: eps 0.1 (digits' scale; DVERGE uses 0.03 on CIFAR-10); at most
 #: ``limit`` test examples keep the stage within its time budget
@@ -40,7 +40,7 @@ def stage_attacks(ctx: DemoContext) -> None:
     tr = transferability_matrix(ens, split, DEMO_ATTACKS["eps"], attack=create_attack("pgd", steps=ev.steps),
                                 restarts=int(DEMO_ATTACKS["restarts"]), limit=int(DEMO_ATTACKS["transfer_limit"]),
                                 batch_size=ev.batch_size, generator=gen, progress=ctx.progress)
-    examples = _examples(ens, split, f"pgd-{ev.steps}", attacks[f"pgd-{ev.steps}"], 0.2, gen)
+    examples = example_images(ens, split, f"pgd-{ev.steps}", attacks[f"pgd-{ev.steps}"], 0.2, gen)
     ctx.results["attacks"] = {"whitebox": wb, "transferability": tr}
     lines: list[str] = ["# Attacks and evaluation protocols (baseline ensemble)", ""]
     body = whitebox_section(wb, ctx.out_dir, "attacks_") + transferability_section([tr], ctx.out_dir, "attacks_")

@@ -18,7 +18,7 @@ from phalanx.training.base import create_method
 from phalanx.training.loop import TrainConfig, fit
 
 if TYPE_CHECKING:  # pragma: no cover
-    from phalanx.demo import DemoContext
+    from phalanx.demo.context import DemoContext
 
 log = logging.getLogger(__name__)
 

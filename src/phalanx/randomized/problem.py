@@ -15,8 +15,8 @@ import torch
 from torch import nn
 
 from phalanx.errors import PhalanxError
+from phalanx.randomized.objectives import OBJECTIVES, clean_probabilities, expected_losses
 from phalanx.types import Norm
-from phalanx.verification.randomized_math import OBJECTIVES, clean_probabilities, expected_losses
 
 BACKENDS = ("decomposition", "milp", "smt")
 NORMS = (Norm.L1, Norm.LINF)

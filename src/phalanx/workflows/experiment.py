@@ -11,12 +11,12 @@ from typing import Any
 import torch
 
 from phalanx.attacks import create_attack
-from phalanx.cli.config import DataConfig, EvalConfig, ModelConfig, RunConfig
+from phalanx.config import DataConfig, EvalConfig, RunConfig
 from phalanx.data import DatasetSplits, load_dataset
 from phalanx.ensembles import Ensemble, load_ensemble
+from phalanx.ensembles.build import build_ensemble
 from phalanx.errors import PhalanxError
 from phalanx.evaluation import evaluate_clean, robust_accuracy_curve
-from phalanx.models import create_model
 from phalanx.reports import curves_table, pct, plot_accuracy_curves, plot_training_history, table
 from phalanx.runs import environment, write_json, write_results
 from phalanx.training import FitResult, create_method, fit, resolve_device
@@ -26,14 +26,6 @@ log = logging.getLogger(__name__)
 
 def load_data(cfg: DataConfig) -> DatasetSplits:
     return load_dataset(cfg.dataset, data_dir=cfg.data_dir, seed=cfg.seed, limit=cfg.limit)
-
-
-def build_ensemble(cfg: ModelConfig, data: DatasetSplits, *, seed: int = 0) -> Ensemble:
-    """``cfg.members`` fresh members (seeded), normalised with the dataset's statistics."""
-    torch.manual_seed(seed)
-    members = [create_model(cfg.name, data.in_shape, data.num_classes, mean=data.mean, std=data.std,
-                            **cfg.options) for _ in range(cfg.members)]
-    return Ensemble(members, cfg.combiner)
 
 
 def train_run(cfg: RunConfig, run_dir: Path, *, resume: bool = False, progress: bool = True,

@@ -1,4 +1,4 @@
-"""CLI configuration: TOML files plus ``--set section.key=value`` overrides, validated into
+"""Run configuration: TOML files plus ``--set section.key=value`` overrides, validated into
 dataclasses. Only the CLI reads config files; the library takes explicit keywords."""
 
 from __future__ import annotations
@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from phalanx.ensembles.build import ModelConfig
 from phalanx.errors import PhalanxError
 from phalanx.training import TrainConfig
 
@@ -28,22 +29,6 @@ class DataConfig:
     def __post_init__(self) -> None:
         if self.limit is not None and self.limit < 1:
             raise PhalanxError(f"data.limit must be >= 1, got {self.limit}")
-
-
-@dataclass(frozen=True)
-class ModelConfig:
-    """``name`` of the architecture, ``members`` count, ``combiner``; other keys are passed to
-    the model builder (e.g. ``widths``, ``activation``) and validated there."""
-
-    name: str = "small-cnn"
-    members: int = 3
-    combiner: str = "mean-prob"
-    init: str | None = None  # start from this ensemble checkpoint instead of fresh members
-    options: dict[str, Any] = field(default_factory=dict)
-
-    def __post_init__(self) -> None:
-        if not isinstance(self.members, int) or self.members < 1:
-            raise PhalanxError(f"model.members must be a positive integer, got {self.members!r}")
 
 
 @dataclass(frozen=True)
