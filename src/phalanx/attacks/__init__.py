@@ -1,7 +1,9 @@
 """Attacks: one gradient loop (FGSM, R-FGSM, BIM, PGD, MIM, M-DI2-FGSM, SGM, joint G.A. 1-3),
-feature distillation, AutoAttack, SignHunter, and a registry."""
+feature distillation, AutoAttack, SignHunter, and a registry.
 
-from phalanx.attacks.autoattack import AutoAttack, apgd, fab_targeted, output_kind
+Every public name here is the object it names (``autoattack`` is the AutoAttack factory; the
+module holding it is :mod:`phalanx.attacks.parameter_free`): no submodule shares a public name."""
+
 from phalanx.attacks.base import ATTACKS, Attack, check_inputs, configure_attack, create_attack
 from phalanx.attacks.distillation import DistillationAttack, feature_distillation
 from phalanx.attacks.gradient import (
@@ -31,11 +33,22 @@ from phalanx.attacks.losses import (
     elu_regulator,
     joint_margins,
 )
+from phalanx.attacks.parameter_free import (
+    AutoAttack,
+    apgd,
+    apgd_ce,
+    apgd_t,
+    autoattack,
+    fab_t,
+    fab_targeted,
+    output_kind,
+)
 from phalanx.attacks.projection import project, random_start
 from phalanx.attacks.query import SignHunterAttack, signhunter, square_attack
 from phalanx.attacks.transforms import input_diversity, skip_gradient
 
-__all__ = ["ALL_LOSSES", "ATTACKS", "LOSSES", "Attack", "AutoAttack", "SignHunterAttack", "apgd", "fab_targeted",
+__all__ = ["ALL_LOSSES", "ATTACKS", "LOSSES", "Attack", "AutoAttack", "SignHunterAttack", "apgd", "apgd_ce", "apgd_t",
+           "autoattack", "fab_t", "fab_targeted",
            "output_kind", "signhunter", "square_attack", "DistillationAttack", "GradientAttack", "ascend",
            "attack_loss", "bim", "ce_loss", "check_inputs", "configure_attack", "create_attack", "cw_margin_loss", "dlr_loss",
            "dlr_targeted_loss", "elu_regulator", "feature_distillation", "fgsm", "ga1", "ga2", "ga3",
