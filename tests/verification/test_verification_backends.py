@@ -105,6 +105,38 @@ def test_bad_highs_options_are_rejected() -> None:
             m.solve(5)
 
 
+def test_two_highs_thread_counts_in_one_process(pair_queries, milp_results) -> None:
+    """HiGHS starts one scheduler per calling thread with the first run's thread count; another
+    count afterwards used to answer ERROR ("HiGHS: Not Set") instead of the verdict."""
+    solved = [(q, m) for q, m in zip(pair_queries, milp_results, strict=True)
+              if m.details.get("status") in ("target", "optimal", "infeasible")]  # reached HiGHS
+    assert {m.verdict for _, m in solved} == {Verdict.SAT, Verdict.UNSAT}
+    for threads in (2, 1, 3, 0, 1):
+        v = create_verifier("milp", threads=threads)
+        for q, m in solved[:3] + solved[-3:]:
+            r = v.verify(q, time_limit_s=60)
+            assert r.verdict is m.verdict, (threads, q.describe(), r.message)
+    # the portfolio's member proofs run with the complete backend's thread count
+    p = create_verifier("portfolio", threads=2)
+    assert p.member_backend.threads == 2  # type: ignore[attr-defined]
+    for q, m in solved[:3]:
+        assert p.verify(q, time_limit_s=60).verdict is m.verdict
+
+
+def test_bad_thread_counts_are_rejected() -> None:
+    from phalanx.verification.milp import MilpModel
+
+    m = MilpModel()
+    z = m.add_var(0.0, 1.0, integer=True)
+    m.set_objective([z], [1.0], "max")
+    for bad in (-1, True, 1.5):
+        with pytest.raises(PhalanxError, match="threads must be an integer"):
+            m.solve(5, threads=bad)  # type: ignore[arg-type]
+    m.options = {"threads": 2}
+    with pytest.raises(PhalanxError, match="threads setting"):
+        m.solve(5)
+
+
 def test_attacks_never_break_unsat(pair_queries, milp_results) -> None:
     atk = AttackVerifier(attacks=("ga1", "ga2", "ga3", "pgd"), steps=30, restarts=2)
     for q, m in zip(pair_queries, milp_results, strict=True):

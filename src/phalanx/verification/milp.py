@@ -13,8 +13,10 @@ that the caller re-checks in PyTorch.
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
@@ -23,6 +25,28 @@ from phalanx.verification.bounds import NetworkBounds
 from phalanx.verification.ir import Affine, MaxPool, NetworkIR, Op, Relu, Residual
 
 INF = float("inf")
+
+#: the ``threads`` value HiGHS's scheduler was last started with, per calling thread
+_HIGHS_THREADS = threading.local()
+
+
+def highs_solver(highspy: Any, threads: int) -> Any:
+    """A ``highspy.Highs`` instance that runs with ``threads`` threads (0: HiGHS's default).
+
+    HiGHS keeps one task scheduler per calling thread, started by the first ``run()`` with that
+    run's ``threads`` option; a later run with another value fails with model status "Not Set".
+    Every solver phalanx creates comes from here, which shuts the scheduler down
+    (``Highs.resetGlobalScheduler``) whenever the requested count differs from the one it was
+    started with, or is unknown (someone else in the process may have started it)."""
+    if isinstance(threads, bool) or not isinstance(threads, int) or threads < 0:
+        raise PhalanxError(f"HiGHS threads must be an integer >= 0 (0: HiGHS default), got {threads!r}")
+    if getattr(_HIGHS_THREADS, "value", None) != threads:
+        highspy.Highs.resetGlobalScheduler(True)
+        _HIGHS_THREADS.value = threads
+    h = highspy.Highs()
+    h.setOptionValue("output_flag", False)
+    h.setOptionValue("threads", threads)
+    return h
 
 
 @dataclass
@@ -114,15 +138,16 @@ class MilpModel:
         passed to HiGHS as they are (a rejected name or value raises ``PhalanxError``)."""
         import highspy
 
-        h = highspy.Highs()
-        h.setOptionValue("output_flag", False)
+        h = highs_solver(highspy, threads)
         h.setOptionValue("mip_rel_gap", 0.0)
         h.setOptionValue("mip_abs_gap", 0.0)
-        h.setOptionValue("threads", int(threads))
         h.setOptionValue("time_limit", max(float(time_limit_s), 0.01))
         if self.objective_target is not None:
             h.setOptionValue("objective_target", float(self.objective_target))
         for k, v in self.options.items():
+            if k == "threads":
+                raise PhalanxError("give HiGHS's thread count as the verifier's threads setting, not as a HiGHS "
+                                   "option (HiGHS needs its scheduler restarted when it changes)")
             if h.setOptionValue(k, v) != highspy.HighsStatus.kOk:
                 raise PhalanxError(f"HiGHS rejected option {k}={v!r}; accepted: the options of HiGHS "
                                    f"{h.version()} with values of their type")

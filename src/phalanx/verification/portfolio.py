@@ -133,7 +133,8 @@ class Portfolio(Verifier):
         self.attack = AttackVerifier(attacks, steps=steps)
         self.bounds = BoundsVerifier(bounds)
         self.backend = create_verifier(complete, **complete_options)
-        self.member_backend = create_verifier("milp") if complete in ("milp", "smt") else self.backend
+        same_threads = {k: v for k, v in complete_options.items() if k == "threads"}
+        self.member_backend = create_verifier("milp", **same_threads) if complete in ("milp", "smt") else self.backend
         self.member_proofs, self.member_share = member_proofs, 0.5
         self.name = f"portfolio({complete})"
 
