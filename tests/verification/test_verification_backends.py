@@ -146,6 +146,51 @@ def test_attacks_never_break_unsat(pair_queries, milp_results) -> None:
             assert r.verdict is not Verdict.SAT
 
 
+def _plain_mlp(seed: int, dtype: torch.dtype) -> torch.nn.Module:
+    """A bare ``nn.Sequential`` (no float32 ``Normalize`` buffers to promote the input) whose
+    hidden hyperplanes pass through the centre of the box, so that every class has a region."""
+    g = torch.Generator().manual_seed(seed)
+    m = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 3))
+    with torch.no_grad():
+        m[0].weight.copy_(torch.randn(8, 4, generator=g) * 3)  # type: ignore[operator]
+        m[0].bias.copy_(-0.5 * m[0].weight.sum(1))  # type: ignore[operator]
+        m[2].weight.copy_(torch.randn(3, 8, generator=g))  # type: ignore[operator]
+    return m.eval().to(dtype)
+
+
+@pytest.mark.parametrize("dtypes", [(torch.float64, torch.float64), (torch.float32, torch.float64)])
+def test_attack_stage_works_in_the_members_dtype(dtypes) -> None:
+    """float64 (and mixed) members used to crash the attack and portfolio verifiers in the attack
+    stage's float32 cast (RuntimeError), where ``milp`` answers; now all three agree and every
+    witness re-checks."""
+    members = [_plain_mlp(s, dt) for s, dt in zip((3, 4), dtypes, strict=True)]
+    nets = [to_ir(m, in_shape=(4,)) for m in members]
+    rng = np.random.default_rng(0)
+    atk = AttackVerifier(attacks=("ga1", "ga2", "ga3", "pgd"), steps=20)
+    portfolio = create_verifier("portfolio")
+    seen: dict[Verdict, int] = {}
+    attack_sat = 0
+    for _ in range(12):
+        x0 = rng.uniform(0.2, 0.8, 4)
+        label = int(nets[0].forward(x0).argmax())
+        q = make_query(members, x0, float(rng.choice([0.02, 0.1, 0.3])), label, nets=nets)
+        ref = MilpVerifier().verify(q, time_limit_s=60)
+        assert ref.verdict.decided, ref.message
+        seen[ref.verdict] = seen.get(ref.verdict, 0) + 1
+        for v in (atk, portfolio):
+            r = v.verify(q, time_limit_s=60)
+            assert r.verdict is not Verdict.ERROR, r.message
+            if v is portfolio:
+                assert r.verdict is ref.verdict, r.message
+            elif ref.verdict is Verdict.UNSAT:
+                assert r.verdict is Verdict.TIMEOUT
+            if r.verdict is Verdict.SAT:
+                _check_sat(q, r)
+                attack_sat += v is atk
+    assert set(seen) == {Verdict.SAT, Verdict.UNSAT} and attack_sat >= 1, seen
+    assert [p.dtype for m in members for p in m.parameters()][-1] == dtypes[1]  # members left as they were
+
+
 def test_bounds_never_contradict_milp(pair_queries, milp_results) -> None:
     b = create_verifier("bounds")
     for q, m in zip(pair_queries, milp_results, strict=True):

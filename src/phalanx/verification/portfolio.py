@@ -7,6 +7,7 @@ whatever is left goes to a complete backend (MILP by default) with the remaining
 
 from __future__ import annotations
 
+import copy
 import time
 from collections.abc import Iterator, Sequence
 
@@ -27,6 +28,21 @@ def default_attacks(query: Query) -> tuple[str, ...]:
     return ("ga3",)
 
 
+def _in_common_dtype(models: Sequence[torch.nn.Module]) -> tuple[list[torch.nn.Module], torch.dtype, torch.device]:
+    """The members in one floating dtype (the promotion of theirs: float64 members are attacked
+    in float64, a float32/float64 mix in float64 on cast copies) and their device."""
+    tensors = [t for m in models for t in (*m.parameters(), *m.buffers()) if t.is_floating_point()]
+    dtype = torch.get_default_dtype()
+    if tensors:
+        dtype = tensors[0].dtype
+        for t in tensors[1:]:
+            dtype = torch.promote_types(dtype, t.dtype)
+    device = tensors[0].device if tensors else torch.device("cpu")
+    same = [all(t.dtype == dtype for t in (*m.parameters(), *m.buffers()) if t.is_floating_point())
+            for m in models]
+    return [m if ok else copy.deepcopy(m).to(dtype) for m, ok in zip(models, same, strict=True)], dtype, device
+
+
 def _attack_candidates(query: Query, attacks: Sequence[str], steps: int, restarts: int,
                        seed: int) -> Iterator[tuple[str, np.ndarray]]:
     """Adversarial candidates (lazily, one attack at a time) from the joint gradient attacks of
@@ -35,10 +51,11 @@ def _attack_candidates(query: Query, attacks: Sequence[str], steps: int, restart
     from phalanx.ensembles import Ensemble
     from phalanx.types import Norm, ThreatModel
 
-    ens = Ensemble(list(query.models), "mean-logits").eval()
+    members, dtype, device = _in_common_dtype(query.models)
+    ens = Ensemble(members, "mean-logits").eval()
     shape = query.nets[0].in_shape
-    x = torch.as_tensor(query.x0.reshape(1, *shape), dtype=torch.float32)
-    y = torch.tensor([query.label])
+    x = torch.as_tensor(query.x0.reshape(1, *shape), dtype=dtype, device=device)
+    y = torch.tensor([query.label], device=device)
     threat = ThreatModel(Norm.LINF, float(query.eps), query.input_bounds)
     gen = torch.Generator().manual_seed(seed)
     for name in attacks:
