@@ -203,14 +203,16 @@ def _load_cifar(name: str, data_dir: Path | None, seed: int, val_fraction: float
                  if all((d / f).is_file() for f in needed)), None)
     if base is None:
         archive = root / name / url.rsplit("/", 1)[1]
-        if download:
+        if not archive.is_file() and download:
             try:
-                if not archive.is_file():
-                    files.download(url, archive, md5, timeout_s=60)
-                files.extract_tar(archive, root / name)
-                base = root / name / folder
-            except Exception as exc:
+                files.download(url, archive, md5, timeout_s=60)
+            except Exception as exc:  # network down, checksum mismatch, permissions
                 files.log.warning("download of %s failed: %s", url, exc)
+        if archive.is_file():  # downloaded just now or placed there: verified before unpacking
+            files.verify_archive(archive, md5, url)
+            files.extract_tar(archive, root / name)
+            if all((root / name / folder / f).is_file() for f in needed):
+                base = root / name / folder
         if base is None:
             raise DataNotFoundError(
                 f"{name} files missing: expected {', '.join(needed)} in {root / name / folder} "

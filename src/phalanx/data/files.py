@@ -3,6 +3,7 @@ CIFAR), and checksum-verified downloads from the canonical sources."""
 
 from __future__ import annotations
 
+import functools
 import gzip
 import hashlib
 import logging
@@ -12,6 +13,7 @@ import tarfile
 import tempfile
 import urllib.request
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -61,27 +63,98 @@ def write_idx(path: Path, array: np.ndarray) -> None:
         f.write(header + arr.tobytes())
 
 
-def read_cifar_batch(path: Path, label_key: str) -> tuple[np.ndarray, np.ndarray]:
-    """Read one CIFAR python-pickle batch: images (N, 3, 32, 32) uint8 and labels (N,)."""
+def _numpy_dtype(*args: Any) -> np.dtype:
+    dtype = np.dtype(*args)
+    if dtype.hasobject:
+        raise pickle.UnpicklingError(f"object dtype {dtype} (arrays of Python objects) is not data")
+    return dtype
+
+
+def _latin1_encode(text: str, encoding: str = "utf-8") -> bytes:
+    """What protocol-2 pickles written by Python 3 use to rebuild ``bytes`` (``_codecs.encode``)."""
+    if encoding not in ("latin1", "latin-1") or not isinstance(text, str):
+        raise pickle.UnpicklingError(f"_codecs.encode with encoding {encoding!r} (only latin1 rebuilds bytes)")
+    return text.encode("latin1")
+
+
+@functools.cache
+def _numpy_globals() -> dict[tuple[str, str], Any]:
+    """The only callables a data pickle may name: how numpy rebuilds arrays, dtypes and scalars,
+    under every module path numpy has pickled them from (``numpy.core`` before 2.0,
+    ``numpy._core`` since; protocol 5 uses ``_frombuffer``), found from numpy itself."""
+    a = np.zeros(1, dtype=np.uint8)
+    reconstruct, frombuffer = a.__reduce__()[0], a.__reduce_ex__(5)[0]
+    scalar = np.float64(0).__reduce__()[0]
+    out: dict[tuple[str, str], Any] = {("numpy", "ndarray"): np.ndarray, ("numpy", "dtype"): _numpy_dtype,
+                                       ("_codecs", "encode"): _latin1_encode}
+    for core in ("numpy.core", "numpy._core"):
+        out[(f"{core}.multiarray", "_reconstruct")] = reconstruct
+        out[(f"{core}.multiarray", "scalar")] = scalar
+        out[(f"{core}.numeric", "_frombuffer")] = frombuffer
+    for builtins in ("builtins", "__builtin__"):  # Python 2 pickles name the builtins module so
+        for name, obj in (("set", set), ("frozenset", frozenset), ("bytearray", bytearray)):
+            out[(builtins, name)] = obj
+    return out
+
+
+class _DataUnpickler(pickle.Unpickler):
+    """Builds only builtin containers, str/bytes/int/float/bool/None and numpy arrays (no object
+    dtype): every other global a pickle names is refused before anything runs."""
+
+    def find_class(self, module: str, name: str) -> Any:
+        obj = _numpy_globals().get((module, name))
+        if obj is None:
+            raise pickle.UnpicklingError(f"it names {module}.{name}, which is not data "
+                                         "(only builtin containers, numbers, strings and numpy arrays are read)")
+        return obj
+
+    def persistent_load(self, pid: Any) -> Any:
+        raise pickle.UnpicklingError("it refers to a persistent object, which is not data")
+
+
+def read_data_pickle(path: Path, what: str = "data file") -> Any:
+    """Read a python-pickle data file (the CIFAR batches) without executing code from it.
+
+    The one reader for pickled data (``SECURITY.md``): a restricted unpickler admits only the
+    builtin containers, strings, bytes, numbers and numpy arrays that such files hold, and raises
+    :class:`PhalanxError` naming the file for anything else. Text from Python 2 pickles is read
+    as ``bytes`` (``encoding="bytes"``, as the CIFAR page prescribes)."""
     try:
         with open(path, "rb") as f:
-            # CIFAR's official distribution format is a pickle of numpy arrays and lists;
-            # read only files the user placed in the data directory.
-            d = pickle.load(f, encoding="bytes")
-    except (OSError, pickle.UnpicklingError, EOFError) as exc:
-        raise PhalanxError(f"cannot read CIFAR batch {path}: {exc}") from None
-    key = label_key.encode()
-    if b"data" not in d or key not in d:
+            return _DataUnpickler(f, encoding="bytes").load()
+    except pickle.UnpicklingError as exc:
+        raise PhalanxError(f"refusing {what} {path}: {exc}") from None
+    except Exception as exc:  # an untrusted file: whatever it makes numpy or pickle raise is a bad file
+        raise PhalanxError(f"cannot read {what} {path}: {type(exc).__name__}: {exc}") from None
+
+
+def _text_keys(d: Any, path: Path, what: str) -> dict[str, Any]:
+    if not isinstance(d, dict):
+        raise PhalanxError(f"{path} is not a {what} (a dict was expected, got {type(d).__name__})")
+    return {k.decode("latin1") if isinstance(k, bytes) else str(k): v for k, v in d.items()}
+
+
+def read_cifar_batch(path: Path, label_key: str) -> tuple[np.ndarray, np.ndarray]:
+    """Read one CIFAR python-pickle batch: images (N, 3, 32, 32) uint8 and labels (N,)."""
+    d = _text_keys(read_data_pickle(path, "CIFAR batch"), path, "CIFAR batch")
+    if "data" not in d or label_key not in d:
         raise PhalanxError(f"{path} is not a CIFAR batch (keys data/{label_key} missing)")
-    x = np.asarray(d[b"data"], dtype=np.uint8).reshape(-1, 3, 32, 32)
-    y = np.asarray(d[key], dtype=np.int64)
+    try:
+        x = np.asarray(d["data"], dtype=np.uint8).reshape(-1, 3, 32, 32)
+        y = np.asarray(d[label_key], dtype=np.int64).reshape(-1)
+    except (ValueError, TypeError) as exc:
+        raise PhalanxError(f"{path} is not a CIFAR batch: {exc}") from None
+    if len(x) != len(y):
+        raise PhalanxError(f"{path}: {len(x)} images but {len(y)} labels")
     return x, y
 
 
 def read_cifar_meta(path: Path, key: str) -> list[str]:
-    with open(path, "rb") as f:
-        d = pickle.load(f, encoding="bytes")
-    return [n.decode() if isinstance(n, bytes) else str(n) for n in d[key.encode()]]
+    """Read the class names from a CIFAR ``batches.meta`` / ``meta`` file."""
+    d = _text_keys(read_data_pickle(path, "CIFAR meta file"), path, "CIFAR meta file")
+    if key not in d or not isinstance(d[key], (list, tuple)):
+        raise PhalanxError(f"{path} is not a CIFAR meta file (list {key} missing)")
+    return [n.decode() if isinstance(n, bytes) else str(n) for n in d[key]]
 
 
 def md5sum(path: Path) -> str:
@@ -150,6 +223,33 @@ def locate(
     return found
 
 
+def verify_archive(path: Path, md5: str, source: str) -> None:
+    """Check a downloaded or pre-placed archive against its published MD5 before anything is
+    unpacked from it; a mismatch raises :class:`PhalanxError` naming the file."""
+    got = md5sum(path)
+    if got != md5:
+        raise PhalanxError(f"{path} does not match the published checksum of {source} (md5 {got}, expected "
+                           f"{md5}); delete it (or put the original there) and run again")
+
+
 def extract_tar(archive: Path, dest: Path) -> None:
-    with tarfile.open(archive, "r:gz") as tar:
-        tar.extractall(dest, filter="data")
+    """Unpack ``archive`` into ``dest``: only regular files and folders, every one inside
+    ``dest`` (no absolute paths, ``..``, links or devices; ``PhalanxError`` otherwise). Members
+    are checked before anything is written."""
+    root = dest.resolve()
+    try:
+        with tarfile.open(archive, "r:*") as tar:
+            members = tar.getmembers()
+            for m in members:
+                target = (root / m.name).resolve()
+                if not (m.isreg() or m.isdir()) or os.path.isabs(m.name) or not target.is_relative_to(root):
+                    kind = "link" if (m.issym() or m.islnk()) else "member"
+                    raise PhalanxError(f"refusing to unpack {archive}: {kind} {m.name!r} is not a plain file or "
+                                       f"folder inside {dest}")
+            dest.mkdir(parents=True, exist_ok=True)
+            if hasattr(tarfile, "data_filter"):  # the standard library's own check, where it has one
+                tar.extractall(dest, members=members, filter="data")
+            else:  # pragma: no cover - Python < 3.10.12 / 3.11.4
+                tar.extractall(dest, members=members)
+    except (tarfile.TarError, OSError, EOFError) as exc:
+        raise PhalanxError(f"cannot unpack {archive}: {exc}") from None
