@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 import click
@@ -111,17 +110,21 @@ def attack(checkpoints: tuple[str, ...], config_path: str | None, overrides: tup
     write_json(run_dir / "environment.json", environment(seed, cfg.train.device))
     gen = torch.Generator().manual_seed(seed)
     if transfer_sets:
-        from phalanx.workflows.experiment import load_for_eval
+        from phalanx.evaluation import load_surrogates
+        from phalanx.training.loop import resolve_device
 
-        sources = {Path(c).stem: load_for_eval(c, cfg.train.device).eval() for c in checkpoints}
+        sources, identities = load_surrogates(checkpoints, map_location=resolve_device(cfg.train.device))
         eps_list = [e for e in cfg.eval.eps if e > 0] if eps is not None or cfg.eval.eps else []
         folder = generate_transfer_sets(sources, split, eps_list, run_dir / "transfer_sets",
                                         attacks=transfer_attacks(steps=transfer_steps,
                                                                  restarts=restarts or 3),
-                                        batch_size=cfg.eval.batch_size, generator=gen, progress=progress)
-        write_results(run_dir, "transfer-sets", {"sources": list(checkpoints), "eps": eps_list, "n": len(split),
+                                        batch_size=cfg.eval.batch_size, generator=gen, progress=progress,
+                                        identities=identities)
+        write_results(run_dir, "transfer-sets", {"sources": identities, "eps": eps_list, "n": len(split),
                                                  "folder": folder})
         click.echo(f"transfer sets for {len(sources)} surrogate(s), eps {eps_list}: {folder}")
+        for label, ident in identities.items():
+            click.echo(f"  {label}: {', '.join(ident['paths'])} (sha256 {ident['sha256'][:12]})")
         return
     if len(checkpoints) > 1:
         raise PhalanxError("give one checkpoint (several only with --transfer-sets)")

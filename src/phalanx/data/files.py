@@ -157,12 +157,17 @@ def read_cifar_meta(path: Path, key: str) -> list[str]:
     return [n.decode() if isinstance(n, bytes) else str(n) for n in d[key]]
 
 
-def md5sum(path: Path) -> str:
-    h = hashlib.md5()
+def file_digest(path: Path, algorithm: str = "sha256") -> str:
+    """Hex digest of a file's bytes, read in 1 MiB chunks."""
+    h = hashlib.new(algorithm)
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
     return h.hexdigest()
+
+
+def md5sum(path: Path) -> str:
+    return file_digest(path, "md5")
 
 
 def download(url: str, dest: Path, md5: str, timeout_s: float = 30.0) -> None:

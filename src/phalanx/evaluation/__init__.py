@@ -13,6 +13,7 @@ from phalanx.evaluation.sanity import (
 )
 from phalanx.evaluation.transfer import (
     generate_transfer_sets,
+    load_surrogates,
     load_transfer_sets,
     score_transfer_sets,
     transfer_attacks,
@@ -22,6 +23,6 @@ from phalanx.evaluation.whitebox import describe_attack, whitebox_evaluation
 
 __all__ = ["CurvePoint", "SanityCheck", "adversarial_direction", "check_blackbox_vs_whitebox", "check_convergence",
            "check_single_vs_multi", "correct_by_all", "decision_regions", "describe_attack", "diversity_matrix",
-           "evaluate_clean", "generate_transfer_sets", "gradient_sanity_checks", "load_transfer_sets", "model_device",
+           "evaluate_clean", "generate_transfer_sets", "gradient_sanity_checks", "load_surrogates", "load_transfer_sets", "model_device",
            "robust_accuracy_curve", "robust_correct", "score_transfer_sets", "transfer_attacks",
            "transferability_matrix", "whitebox_evaluation"]

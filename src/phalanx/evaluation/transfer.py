@@ -22,6 +22,7 @@ from torch import Tensor, nn
 
 from phalanx.attacks import Attack, create_attack
 from phalanx.data import Split, iterate_batches
+from phalanx.data.files import file_digest
 from phalanx.errors import PhalanxError
 from phalanx.evaluation.clean import model_device
 from phalanx.types import Norm, ThreatModel, check_eps
@@ -48,16 +49,70 @@ def transfer_attacks(*, steps: int = 100, restarts: int = 3, losses: Sequence[st
     return out
 
 
+def source_labels(paths: Sequence[str | Path]) -> list[str]:
+    """Readable, unique labels for checkpoint paths: each path's shortest trailing part that no
+    other path ends with (``A/ensemble.pt``, ``B/ensemble.pt``; just ``ensemble.pt`` when alone).
+
+    Two labels can never coincide: equal strings have as many parts, and a label is taken only
+    when it differs from every other path's suffix of that length."""
+    parts = [Path(p).resolve().parts for p in paths]
+    if len(set(parts)) != len(parts):
+        raise PhalanxError(f"the same checkpoint path is given twice among {[str(p) for p in paths]}")
+    out = []
+    for i, pi in enumerate(parts):
+        k = 1
+        while any(pj[-k:] == pi[-k:] for j, pj in enumerate(parts) if j != i):
+            k += 1
+        out.append("/".join(pi[-k:]))
+    return out
+
+
+def load_surrogates(paths: Sequence[str | Path], map_location: torch.device | str = "cpu",
+                    ) -> tuple[dict[str, nn.Module], dict[str, dict[str, Any]]]:
+    """Load surrogate checkpoints for the transfer sets under unique identities (one place for
+    ``attack --transfer-sets`` and ``evaluate --surrogates``).
+
+    A source is identified by the SHA-256 of its checkpoint file, so copies of one checkpoint
+    are one source (listed with all their paths) and different checkpoints are always different
+    sources, whatever their file names (every run writes ``ensemble.pt``). Each gets a readable
+    label from :func:`source_labels`. Returns ``(label -> model in eval mode, label ->
+    {"paths", "sha256"})``; the identities go into the manifest, the sets and the report."""
+    from phalanx.ensembles import load_ensemble
+
+    if not paths:
+        raise PhalanxError("no surrogate checkpoints given")
+    by_hash: dict[str, list[str]] = {}
+    for p in paths:
+        if not Path(p).is_file():
+            raise PhalanxError(f"surrogate checkpoint {p} not found")
+        by_hash.setdefault(file_digest(Path(p), "sha256"), []).append(str(p))
+    for digest, same in by_hash.items():
+        if len(same) > 1:
+            log.warning("surrogates %s are the same checkpoint (sha256 %s...): one source", ", ".join(same), digest[:12])
+    labels = source_labels([same[0] for same in by_hash.values()])
+    models: dict[str, nn.Module] = {}
+    identities: dict[str, dict[str, Any]] = {}
+    for label, (digest, same) in zip(labels, by_hash.items(), strict=True):
+        models[label] = load_ensemble(same[0], map_location=map_location).eval()
+        identities[label] = {"paths": [str(Path(q).resolve()) for q in same], "sha256": digest}
+    return models, identities
+
+
 def generate_transfer_sets(sources: Mapping[str, nn.Module], split: Split, eps_list: Sequence[float],
                            out_dir: str | Path, *, attacks: Mapping[str, Attack] | None = None,
                            batch_size: int = 500, generator: torch.Generator | None = None,
-                           progress: bool = False) -> Path:
-    """Attack each source with each attack at each eps and save ``sets.pt`` (clean ``x``, ``y``
-    and ``adv[eps][source/attack]``, loadable with ``weights_only=True``) plus ``manifest.json``.
+                           progress: bool = False, identities: Mapping[str, Mapping[str, Any]] | None = None,
+                           ) -> Path:
+    """Attack each source with each attack at each eps and save ``sets.pt`` (clean ``x``, ``y``,
+    ``adv[eps][source/attack]`` and ``sources``: each source's identity from
+    :func:`load_surrogates`, loadable with ``weights_only=True``) plus ``manifest.json``.
     Returns the folder."""
     if not sources:
         raise PhalanxError("generate_transfer_sets needs at least one surrogate")
     atks = dict(attacks) if attacks is not None else transfer_attacks()
+    if bad := [a for a in atks if "/" in a]:
+        raise PhalanxError(f"transfer attack names may not contain '/': {bad}")
+    ids = {name: dict((identities or {}).get(name, {})) for name in sources}
     eps_checked = [check_eps(e) for e in eps_list]
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -77,7 +132,7 @@ def generate_transfer_sets(sources: Mapping[str, nn.Module], split: Split, eps_l
                                      generator=generator).cpu())
         adv.setdefault(f"{eps:g}", {})[f"{sname}/{aname}"] = torch.cat(parts)
     payload = {"format": TRANSFER_FORMAT, "version": TRANSFER_VERSION, "x": split.x.cpu(), "y": split.y.cpu(),
-               "adv": adv}
+               "adv": adv, "sources": ids}
     tmp = out / ".sets.pt.tmp"
     torch.save(payload, tmp)
     tmp.replace(out / "sets.pt")
@@ -85,9 +140,14 @@ def generate_transfer_sets(sources: Mapping[str, nn.Module], split: Split, eps_l
     from phalanx.runs import write_json
 
     write_json(out / "manifest.json", {"format": TRANSFER_FORMAT, "version": TRANSFER_VERSION, "n": len(split),
-                                       "eps": eps_checked, "sources": list(sources),
+                                       "eps": eps_checked, "sources": ids,
                                        "attacks": {k: describe_attack(a) for k, a in atks.items()}})
     return out
+
+
+def source_of(set_name: str) -> str:
+    """The source label of a transfer set named ``source/attack`` (labels may hold '/')."""
+    return set_name.rsplit("/", 1)[0]
 
 
 def load_transfer_sets(path: str | Path) -> dict[str, Any]:
@@ -130,7 +190,7 @@ def score_transfer_sets(model: nn.Module, sets: Mapping[str, Any] | str | Path, 
         for name, adv in by_set.items():
             ok = correct(adv)
             per_set[name] = float(ok.float().mean())
-            src = name.split("/")[0]
+            src = source_of(name)
             per_source[src] = per_source.get(src, torch.ones_like(ok)) & ok
             every &= ok
         rows.append({"eps": float(eps), "accuracy": float(every.float().mean()), "n": n,
@@ -138,7 +198,10 @@ def score_transfer_sets(model: nn.Module, sets: Mapping[str, Any] | str | Path, 
                      "per_source": {k: float(v.float().mean()) for k, v in per_source.items()},
                      "per_set": per_set})
     rows.sort(key=lambda r: float(r["eps"]))
-    return {"protocol": "blackbox", "n": n, "clean_accuracy": float(clean.float().mean()),
+    stored = data.get("sources") or {}
+    names = dict.fromkeys(source_of(k) for by_set in data["adv"].values() for k in by_set)
+    sources = [{"label": s, **stored.get(s, {})} for s in names]
+    return {"protocol": "blackbox", "n": n, "clean_accuracy": float(clean.float().mean()), "sources": sources,
             "curve": [{"eps": r["eps"], "accuracy": r["accuracy"], "n": n} for r in rows], "per_eps": rows}
 
 
@@ -152,5 +215,5 @@ def save_manifest_note(out_dir: str | Path, note: Mapping[str, Any]) -> None:
     write_json(path, manifest)
 
 
-__all__ = ["generate_transfer_sets", "load_transfer_sets", "save_manifest_note", "score_transfer_sets",
-           "transfer_attacks"]
+__all__ = ["generate_transfer_sets", "load_surrogates", "load_transfer_sets", "save_manifest_note",
+           "score_transfer_sets", "source_labels", "source_of", "transfer_attacks"]

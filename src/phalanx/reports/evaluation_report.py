@@ -77,7 +77,18 @@ def blackbox_section(bb: Mapping[str, Any], run_dir: Path, prefix: str = "") -> 
     sources = sorted({s for r in bb["per_eps"] for s in r["per_source"]})
     rows = [[f"{r['eps']:g}", pct(r["accuracy"]), pct(r["accuracy_among_clean_correct"])]
             + [pct(r["per_source"][s]) for s in sources] for r in bb["per_eps"]]
-    return ["## Black-box transfer accuracy", "", f"Transfer sets: `{bb['transfer_sets']}` ({bb['n']} examples). An example is robust only if " "it is classified correctly on every set (denominator: all examples).", "", table(["eps", "all sets", "among clean-correct", *sources], rows), "", f"![black-box]({prefix}blackbox_curve.png)", "", *sanity_lines(bb.get("sanity", []))]
+    return ["## Black-box transfer accuracy", "", f"Transfer sets: `{bb['transfer_sets']}` ({bb['n']} examples). An example is robust only if " "it is classified correctly on every set (denominator: all examples).", "", table(["eps", "all sets", "among clean-correct", *sources], rows), "", *source_lines(bb.get("sources", [])), f"![black-box]({prefix}blackbox_curve.png)", "", *sanity_lines(bb.get("sanity", []))]
+
+
+def source_lines(sources: Sequence[Mapping[str, Any]]) -> list[str]:
+    """One row per surrogate the transfer sets came from: label, checkpoint hash, paths."""
+    if not sources:
+        return []
+    rows = [[f"`{s['label']}`", f"`{s['sha256'][:16]}`" if s.get("sha256") else "not recorded",
+             ("trained here: " if s.get("trained") else "") + ", ".join(f"`{p}`" for p in s.get("paths", []))]
+            for s in sources]
+    return [f"Sources ({len(sources)} surrogate{'s' if len(sources) != 1 else ''}):", "",
+            table(["source", "sha256", "checkpoint"], rows), ""]
 
 
 def examples_section(ex: Mapping[str, Any], run_dir: Path, prefix: str = "") -> list[str]:

@@ -15,7 +15,7 @@ import torch
 
 from phalanx.attacks import Attack, configure_attack
 from phalanx.data import DatasetSplits, Split
-from phalanx.ensembles import Ensemble, load_ensemble
+from phalanx.ensembles import Ensemble
 from phalanx.ensembles.build import ModelConfig, build_ensemble
 from phalanx.errors import PhalanxError
 from phalanx.evaluation.clean import evaluate_clean, model_device
@@ -23,6 +23,7 @@ from phalanx.evaluation.decision import decision_regions
 from phalanx.evaluation.sanity import check_blackbox_vs_whitebox
 from phalanx.evaluation.transfer import (
     generate_transfer_sets,
+    load_surrogates,
     load_transfer_sets,
     score_transfer_sets,
     transfer_attacks,
@@ -169,17 +170,23 @@ def _blackbox(spec: EvaluationSpec, ensemble: Ensemble, data: DatasetSplits, spl
             raise PhalanxError("black-box evaluation needs transfer sets or a run folder to write them to")
         device = model_device(ensemble)
         sources: dict[str, Any] = {}
-        for path in spec.surrogates:
-            sources[Path(path).stem] = load_ensemble(path, map_location=device).eval()
+        identities: dict[str, dict[str, Any]] = {}
+        if spec.surrogates:
+            sources, identities = load_surrogates(spec.surrogates, map_location=device)
         if spec.train_surrogates:
             trained = train_surrogates(data, spec.train_surrogates, model=spec.surrogate_model,
                                        epochs=spec.surrogate_epochs, seed=1000 + spec.seed, device=str(device),
                                        progress=progress)
+            from phalanx.data.files import file_digest
             from phalanx.ensembles import save_ensemble
 
             for name, ens in trained.items():
-                save_ensemble(ens, Path(run_dir) / "surrogates" / f"{name}.pt", dataset=data.name)
-            sources.update(trained)
+                if name in sources:
+                    raise PhalanxError(f"surrogate label {name!r} is both a given checkpoint and a trained surrogate")
+                path = Path(run_dir) / "surrogates" / f"{name}.pt"
+                save_ensemble(ens, path, dataset=data.name)
+                sources[name] = ens
+                identities[name] = {"paths": [str(path.resolve())], "sha256": file_digest(path), "trained": True}
         if not sources:
             raise PhalanxError("black-box evaluation needs --transfer-sets DIR, --surrogates CKPT[,CKPT] "
                                "or --train-surrogates SIZES (e.g. 3,5,8)")
@@ -187,7 +194,7 @@ def _blackbox(spec: EvaluationSpec, ensemble: Ensemble, data: DatasetSplits, spl
         sets_dir = generate_transfer_sets(
             sources, split, _nonzero(spec.eps) or list(spec.eps), Path(run_dir) / "transfer_sets",
             attacks=transfer_attacks(steps=spec.transfer_steps, restarts=spec.transfer_restarts),
-            batch_size=spec.batch_size, generator=gen, progress=progress)
+            batch_size=spec.batch_size, generator=gen, progress=progress, identities=identities)
         sets = load_transfer_sets(sets_dir)
     scored = score_transfer_sets(ensemble, sets, batch_size=spec.batch_size)
     scored["transfer_sets"] = str(sets_dir)
