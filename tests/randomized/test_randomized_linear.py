@@ -212,3 +212,43 @@ def test_fooling_patterns_figure1() -> None:
     assert frozenset({0, 1}) in pp.infeasible
     w = pp.witness(frozenset({0}))
     assert np.abs(w - x.numpy()[0]).sum() <= 2.0 + 1e-12 and w[0] <= -1.0
+
+
+def three_lines() -> tuple[list[nn.Module], torch.Tensor, torch.Tensor]:
+    """Three classifiers in the plane fooled by x1 < -1, x1 > 1 and x2 > 1; the point 0. With L1
+    eps 2 a pair ({x1 < -1, x2 > 1} or {x1 > 1, x2 > 1}) is fooled together only at an exact tie
+    (|x1| = |x2| = 1), so the best attack that re-checks is uniform over the three singletons
+    (Val 1/3), while the tie-inclusive bound is 1/2."""
+    c0 = linear([[0.0, 0.0], [-1.0, 0.0]], [0.0, -1.0])
+    c1 = linear([[0.0, 0.0], [1.0, 0.0]], [0.0, -1.0])
+    c2 = linear([[0.0, 0.0], [0.0, 1.0]], [0.0, -1.0])
+    return [c0, c1, c2], torch.zeros(1, 2), torch.zeros(1, dtype=torch.long)
+
+
+@pytest.mark.parametrize("backend", ["decomposition", "milp"])
+def test_tie_only_patterns_are_not_an_optimal_attack(backend: str) -> None:
+    """The monolithic MILP (ties count) claimed 1/2, its attack re-checked at 0, and it said
+    "optimal"; now it returns the 1/3 attack and does not call it optimal (1/3 < the bound 1/2)."""
+    clfs, x, y = three_lines()
+    config = cfg(num_attacks=3, backend=backend)
+    res = randomized_attack(clfs, x, y, config)
+    assert res.value == pytest.approx(1 / 3, abs=1e-9) and res.upper_bound == pytest.approx(0.5)
+    assert res.status != "optimal" and res.verdict is Verdict.UNKNOWN
+    assert_rechecks(res, clfs, x, y, config)
+    assert sorted(res.probabilities.tolist()) == pytest.approx([1 / 3] * 3)
+    # with a budget where the pairs hold with room to spare, the bound is met: optimal
+    roomy = randomized_attack(clfs, x, y, cfg(eps=2.5, num_attacks=3, backend=backend))
+    assert roomy.status == "optimal" and roomy.value == pytest.approx(0.5) and roomy.upper_bound == pytest.approx(0.5)
+
+
+def test_status_optimal_needs_a_proven_and_rechecked_value() -> None:
+    from phalanx.randomized.attack import proven_status
+
+    assert proven_status("optimal", 0.5, 0.5) == "optimal"
+    assert proven_status("optimal", 0.0, 0.5) == "feasible"  # the solver's optimum did not re-check
+    assert proven_status("optimal", 0.5, None) == "feasible"  # nothing proven
+    assert proven_status("optimal", None, 0.3, proven_below_alpha=True) == "infeasible"
+    assert proven_status("optimal", None, None) == "unknown"
+    assert proven_status("incomplete", 0.5, 0.5) == "optimal"  # an attack meeting a proven bound
+    assert proven_status("incomplete", 0.4, 0.5) == "incomplete" and proven_status("timeout", None, None) == "timeout"
+    assert proven_status("error", 0.5, 0.5) == "error"

@@ -66,6 +66,20 @@ __all__ = [
 ]
 
 
+def proven_status(status: str, value: float | None, upper: float | None, proven_below_alpha: bool = False) -> str:
+    """The status a result may carry: ``optimal`` exactly when the float64 re-checked Val reaches
+    a proven upper bound (whatever the solver said: a solver's optimum over tie-only patterns is
+    no attack, and an incomplete pattern search whose attack meets the bound is optimal);
+    a solver's ``optimal`` otherwise becomes ``feasible`` (an attack, optimality unproven),
+    ``infeasible`` (a robustness proof) or ``unknown``; other statuses (``incomplete``,
+    ``timeout``, ...) stay."""
+    if value is not None and upper is not None and value >= upper - VALUE_TOL and status != "error":
+        return "optimal"
+    if status == "optimal":
+        return "feasible" if value is not None else ("infeasible" if proven_below_alpha else "unknown")
+    return status
+
+
 def _as_arrays(x: torch.Tensor | np.ndarray, y: torch.Tensor | np.ndarray | Sequence[int],
                config: RandomizedAttackConfig) -> tuple[np.ndarray, np.ndarray]:
     xa = x.detach().cpu().double().numpy() if isinstance(x, torch.Tensor) else np.asarray(x, dtype=np.float64)
@@ -125,6 +139,9 @@ class _Run:
             # a real attack beats the "proven" bound: the bound is wrong, so it proves nothing
             self.notes.append(f"re-checked Val {value:.6g} exceeds the solver's upper bound {upper:.6g}; bound dropped")
             upper = None
+        before, status = status, proven_status(status, value, upper, proven_below_alpha)
+        if before == "optimal" and status != "optimal":
+            self.notes.append(f"status {status}, not optimal: no re-checked Val reaches a proven upper bound")
         if value is not None and value >= cfg.alpha - VALUE_TOL:
             verdict = Verdict.NOT_ROBUST
         elif proven_below_alpha or (upper is not None and upper < cfg.alpha - PROOF_TOL):
@@ -187,7 +204,7 @@ class _Run:
             # some point has a classifier that no perturbation fools together with the others:
             # summed over classifiers its expected losses are <= |C| - 1, so Val <= 1 - 1/(N |C|)
             self.notes.append("Lemma 2: the full pattern is infeasible at a point, so Val < 1 for every |A|")
-            return self.finish("optimal", None, None, 1.0 - 1.0 / (self.n * self.cn), suff, suff,
+            return self.finish("infeasible", None, None, 1.0 - 1.0 / (self.n * self.cn), suff, suff,
                                proven_below_alpha=True)
         return None
 
@@ -233,29 +250,54 @@ class _Run:
                            proven_below_alpha=proven)
 
     def milp(self) -> RandomizedAttackResult:
+        """The monolithic MILP at margin 0 (its optimum is the proven upper bound, its
+        infeasibility the robustness proof); when the re-check of its attack falls short of what
+        it claimed (patterns that hold only at exact ties), once more at the attack margin, whose
+        attacks re-check; the better re-checked attack is returned."""
         from phalanx.randomized.milp import solve_monolithic_milp
-        from phalanx.randomized.objectives import misclassification_value
 
         cfg = self.cfg
         suff = sufficient_num_attacks(self.n, self.cn)
         a = cfg.num_attacks or suff
         raw = solve_monolithic_milp(self.solver, a, cfg.objective, cfg.alpha, self.deadline)
         self.stats.update(raw.stats)
-        attacks, claimed = raw.attacks, None
-        if attacks is not None and raw.patterns is not None and raw.probabilities is not None:
-            probs = clean_probabilities(raw.probabilities)
-            loss = np.zeros((a, self.cn, self.n))
-            for i, row in enumerate(raw.patterns):
-                for j, s in enumerate(row):
-                    loss[i, list(s), j] = 1
-            claimed = misclassification_value(loss, probs)
-            flat = attacks.reshape(a, self.n, -1)
-            flat = np.stack([np.stack([into_ball(self.x[j].reshape(-1), flat[i, j], cfg.eps, Norm.parse(cfg.norm),
-                                                 cfg.bounds) for j in range(self.n)]) for i in range(a)])
-            attacks = self.repair(flat, raw.patterns)
+        best = self._milp_candidate(raw, a)
+        chosen = raw
+        if (best is not None and best[3] + VALUE_TOL < best[2] and cfg.margin > 0
+                and time.perf_counter() < self.deadline):
+            again = solve_monolithic_milp(self.solver, a, cfg.objective, cfg.alpha, self.deadline, margin=cfg.margin)
+            self.stats["margin_solve"] = again.stats
+            other = self._milp_candidate(again, a)
+            self.notes.append(f"the margin-0 attack re-checks at Val {best[3]:.6g} below its claimed {best[2]:.6g} "
+                              f"(exact ties); re-solved at margin {cfg.margin:g}: "
+                              + (f"Val {other[3]:.6g}" if other is not None else again.status))
+            if other is not None and other[3] > best[3]:
+                best, chosen = other, again
         proven = cfg.objective == "feasibility" and raw.status == "infeasible"
-        return self.finish(raw.status, attacks, raw.probabilities, raw.upper_bound, a, suff,
+        attacks, probs, claimed = (best[0], best[1], best[2]) if best is not None else (None, None, None)
+        return self.finish(chosen.status, attacks, probs, raw.upper_bound, a, suff,
                            solver_value=claimed, proven_below_alpha=proven)
+
+    def _milp_candidate(self, raw: Any, a: int) -> tuple[np.ndarray, np.ndarray, float, float] | None:
+        """``(attacks, probabilities, claimed Val, re-checked Val)`` of a MILP answer: the attack
+        moved into the ball against round-off and its tie witnesses repaired to the margin."""
+        from phalanx.randomized.objectives import misclassification_value
+
+        if raw.attacks is None or raw.patterns is None or raw.probabilities is None:
+            return None
+        cfg = self.cfg
+        probs = clean_probabilities(raw.probabilities)
+        loss = np.zeros((a, self.cn, self.n))
+        for i, row in enumerate(raw.patterns):
+            for j, s in enumerate(row):
+                loss[i, list(s), j] = 1
+        claimed = misclassification_value(loss, probs)
+        flat = raw.attacks.reshape(a, self.n, -1)
+        flat = np.stack([np.stack([into_ball(self.x[j].reshape(-1), flat[i, j], cfg.eps, Norm.parse(cfg.norm),
+                                             cfg.bounds) for j in range(self.n)]) for i in range(a)])
+        attacks = self.repair(flat, raw.patterns)
+        value = recheck_attack(self.clf, self.x, self.y, attacks, raw.probabilities, cfg).value
+        return attacks, raw.probabilities, claimed, value
 
     def smt(self) -> RandomizedAttackResult:
         from phalanx.randomized.smt import solve_smt

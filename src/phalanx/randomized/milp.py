@@ -38,9 +38,14 @@ class RawAttack:
 
 
 def solve_monolithic_milp(solver: PatternSolver, num_attacks: int, objective: str, alpha: float,
-                          deadline: float) -> RawAttack:
-    """Build and solve the paper's MILP (margin 0, so bounds and infeasibility are proofs; the
-    returned attack is repaired to the attack margin afterwards by the caller)."""
+                          deadline: float, margin: float = 0.0) -> RawAttack:
+    """Build and solve the paper's MILP with misclassification meaning ``z_r - z_y >= margin``.
+
+    With margin 0 (ties count as errors, Def. 4) its optimum and infeasibility are proofs about
+    every attack, but its attack may fool some classifiers only at exact ties, which no float64
+    re-check confirms. With the attack margin (``cfg.margin``) every pattern it claims has a
+    witness with room to spare, so its attack re-checks, but its optimum bounds nothing. The
+    caller solves margin 0 first and the attack margin when the re-check falls short."""
     from phalanx.verification.milp import MilpModel
 
     clf, cfg = solver.clf, solver.cfg
@@ -61,10 +66,10 @@ def solve_monolithic_milp(solver: PatternSolver, num_attacks: int, objective: st
             row.append(v)
             for c in range(cn):
                 enc = solver.bounds(j, c)
-                if not can_misclassify(enc, 0.0):
+                if not can_misclassify(enc, margin):
                     continue  # l^c_{ij} = 0 proven by bounds
                 lv = model.add_var(0.0, 1.0, integer=True)
-                add_misclassified(model, clf.nets[c], v, enc, int(solver.y[j]), 0.0, indicator=lv)
+                add_misclassified(model, clf.nets[c], v, enc, int(solver.y[j]), margin, indicator=lv)
                 w = model.add_var(0.0, 1.0)
                 model.add_row([w, int(p[i])], [1.0, -1.0], -math.inf, 0.0)
                 model.add_row([w, lv], [1.0, -1.0], -math.inf, 0.0)
@@ -82,19 +87,20 @@ def solve_monolithic_milp(solver: PatternSolver, num_attacks: int, objective: st
     else:  # the paper's MILP: constraints (4)-(7) with Val >= alpha, no objective
         model.add_row([t], [1.0], float(alpha), math.inf)
         model.set_objective([t], [0.0], sense="max")
-    stats: dict[str, Any] = {"num_vars": model.num_vars, "num_binaries": model.num_binaries, "num_rows": model.num_rows}
+    stats: dict[str, Any] = {"num_vars": model.num_vars, "num_binaries": model.num_binaries, "num_rows": model.num_rows,
+                             "margin": margin}
     t0 = time.perf_counter()
     out = model.solve(max(deadline - time.perf_counter(), 0.01))
     stats.update(solve_time_s=time.perf_counter() - t0, nodes=out.nodes, solver_status=out.status)
     upper: float | None = None
     scale = 1.0 if objective == "max-min" else 1.0 / (cn * n)
-    if objective != "feasibility":
+    if objective != "feasibility" and margin == 0.0:
         # only a closed gap is a proof (DESIGN.md); a dual bound after a time limit is just recorded
         if out.status == "optimal" and out.objective is not None:
             upper = float(out.objective) * scale
         elif out.dual_bound is not None and math.isfinite(out.dual_bound):
             stats["dual_bound_at_timeout"] = min(1.0, float(out.dual_bound) * scale)
-    if out.status == "infeasible":
+    if out.status == "infeasible":  # a proof only at margin 0 (the caller decides)
         return RawAttack("infeasible", None, None, None, upper, stats=stats)
     if out.values is None:
         return RawAttack(out.status, None, None, None, upper, stats=stats)
