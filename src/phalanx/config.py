@@ -104,7 +104,7 @@ def load_config(path: str | Path | None = None, overrides: tuple[str, ...] | lis
             raise PhalanxError(f"config file {p} does not exist")
         try:
             loaded = tomllib.loads(p.read_text())
-        except tomllib.TOMLDecodeError as exc:
+        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
             raise PhalanxError(f"config file {p} is not valid TOML: {exc}") from None
         for sec, vals in loaded.items():
             if not isinstance(vals, dict):

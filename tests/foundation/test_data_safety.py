@@ -219,3 +219,27 @@ def test_archive_members_outside_the_folder_are_refused(tmp_path, monkeypatch, e
     assert not (tmp_path / "escaped").exists() and not (root / "escaped").exists()
     assert not Path("/tmp/phalanx-absolute-escape").exists()
     assert not (root / "cifar10" / "cifar-10-batches-py").exists()  # nothing unpacked before the check
+
+
+def test_downloads_are_checked_before_they_land(tmp_path, monkeypatch) -> None:
+    import hashlib
+    import urllib.request
+
+    from phalanx.data.files import download
+
+    body = b"the published bytes"
+
+    class _Resp(io.BytesIO):
+        def __enter__(self):  # type: ignore[no-untyped-def]
+            return self
+
+        def __exit__(self, *a: object) -> None:
+            self.close()
+
+    monkeypatch.setattr(urllib.request, "urlopen", lambda url, timeout: _Resp(body))
+    dest = tmp_path / "d" / "file.gz"
+    with pytest.raises(PhalanxError, match="checksum mismatch"):
+        download("https://example.invalid/file.gz", dest, "0" * 32)
+    assert not dest.exists() and list(dest.parent.iterdir()) == []  # no partial or temporary file left
+    download("https://example.invalid/file.gz", dest, hashlib.md5(body).hexdigest())
+    assert dest.read_bytes() == body

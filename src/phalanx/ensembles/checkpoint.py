@@ -34,8 +34,11 @@ def atomic_save(obj: Any, path: str | Path) -> None:
             os.unlink(tmp)
 
 
-def safe_load(path: str | Path, what: str = "checkpoint") -> Any:
-    """``torch.load(weights_only=True)`` with clear errors for missing or unreadable files."""
+def safe_load(path: str | Path, what: str = "checkpoint",
+              hint: str = "phalanx reads files written by save_ensemble / phalanx train") -> Any:
+    """``torch.load(weights_only=True)`` with clear errors for missing or unreadable files: the
+    one reader of ``.pt`` files from users (``SECURITY.md``). torch's own message is left out
+    (it suggests ``weights_only=False``, which would run code from the file)."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"{what} {path} does not exist")
@@ -44,7 +47,7 @@ def safe_load(path: str | Path, what: str = "checkpoint") -> Any:
     except Exception as exc:
         raise CheckpointError(
             f"{path} is not a readable phalanx {what}: corrupted, truncated, or not written by phalanx "
-            f"({type(exc).__name__}); phalanx reads files written by save_ensemble / phalanx train"
+            f"({type(exc).__name__}); {hint}"
         ) from None
 
 

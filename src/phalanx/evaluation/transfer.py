@@ -23,6 +23,7 @@ from torch import Tensor, nn
 from phalanx.attacks import Attack, create_attack
 from phalanx.data import Split, iterate_batches
 from phalanx.data.files import file_digest
+from phalanx.ensembles import load_ensemble, safe_load
 from phalanx.errors import PhalanxError
 from phalanx.evaluation.clean import model_device
 from phalanx.types import Norm, ThreatModel, check_eps
@@ -77,8 +78,6 @@ def load_surrogates(paths: Sequence[str | Path], map_location: torch.device | st
     sources, whatever their file names (every run writes ``ensemble.pt``). Each gets a readable
     label from :func:`source_labels`. Returns ``(label -> model in eval mode, label ->
     {"paths", "sha256"})``; the identities go into the manifest, the sets and the report."""
-    from phalanx.ensembles import load_ensemble
-
     if not paths:
         raise PhalanxError("no surrogate checkpoints given")
     by_hash: dict[str, list[str]] = {}
@@ -156,10 +155,7 @@ def load_transfer_sets(path: str | Path) -> dict[str, Any]:
     f = p / "sets.pt" if p.is_dir() else p
     if not f.is_file():
         raise PhalanxError(f"no transfer sets at {f}; create them with `phalanx attack --transfer-sets`")
-    try:
-        data = torch.load(f, map_location="cpu", weights_only=True)
-    except Exception as exc:
-        raise PhalanxError(f"cannot read transfer sets {f}: {exc}") from None
+    data = safe_load(f, "transfer-set file", "create transfer sets with `phalanx attack --transfer-sets`")
     if not isinstance(data, dict) or data.get("format") != TRANSFER_FORMAT:
         raise PhalanxError(f"{f} is not a phalanx transfer-set file")
     return data
