@@ -135,6 +135,8 @@ def test_bad_thread_counts_are_rejected() -> None:
     m.options = {"threads": 2}
     with pytest.raises(PhalanxError, match="threads setting"):
         m.solve(5)
+    with pytest.raises(PhalanxError, match="threads must be an integer"):
+        create_verifier("milp", threads=-2)
 
 
 def test_attacks_never_break_unsat(pair_queries, milp_results) -> None:

@@ -17,7 +17,7 @@ import numpy as np
 from phalanx.errors import PhalanxError
 from phalanx.verification.bounds import NetworkBounds, interval_bounds, linear_bounds
 from phalanx.verification.ir import stack_outputs
-from phalanx.verification.milp import MilpModel, encode_network
+from phalanx.verification.milp import MilpModel, check_threads, encode_network
 from phalanx.verification.query import MARGIN, Query, Verdict, VerificationResult, recheck
 
 log = logging.getLogger(__name__)
@@ -179,7 +179,7 @@ class MilpVerifier(Verifier):
     name = "milp"
 
     def __init__(self, bounds: str = "linear", threads: int = 1, highs_options: dict[str, bool | int | float | str] | None = None) -> None:
-        self.bounds, self.threads = bounds, threads
+        self.bounds, self.threads = bounds, check_threads(threads)
         self.highs_options = dict(FAST_HIGHS_OPTIONS if highs_options is None else highs_options)
 
     def verify(self, query: Query, *, time_limit_s: float) -> VerificationResult:

@@ -30,6 +30,13 @@ INF = float("inf")
 _HIGHS_THREADS = threading.local()
 
 
+def check_threads(threads: object) -> int:
+    """A HiGHS thread count: an integer >= 0 (0: HiGHS's default, half the cores)."""
+    if isinstance(threads, bool) or not isinstance(threads, int) or threads < 0:
+        raise PhalanxError(f"HiGHS threads must be an integer >= 0 (0: HiGHS default), got {threads!r}")
+    return threads
+
+
 def highs_solver(highspy: Any, threads: int) -> Any:
     """A ``highspy.Highs`` instance that runs with ``threads`` threads (0: HiGHS's default).
 
@@ -38,8 +45,7 @@ def highs_solver(highspy: Any, threads: int) -> Any:
     Every solver phalanx creates comes from here, which shuts the scheduler down
     (``Highs.resetGlobalScheduler``) whenever the requested count differs from the one it was
     started with, or is unknown (someone else in the process may have started it)."""
-    if isinstance(threads, bool) or not isinstance(threads, int) or threads < 0:
-        raise PhalanxError(f"HiGHS threads must be an integer >= 0 (0: HiGHS default), got {threads!r}")
+    check_threads(threads)
     if getattr(_HIGHS_THREADS, "value", None) != threads:
         highspy.Highs.resetGlobalScheduler(True)
         _HIGHS_THREADS.value = threads
