@@ -194,7 +194,10 @@ def recheck_attack(clf: Classifiers, x: np.ndarray, y: np.ndarray, attacks: np.n
 class RandomizedAttackResult:
     """The answer to one query. ``value`` is Val (eq. 1) of the returned attack *recomputed* by
     the float64 PyTorch models; ``upper_bound`` a proven bound on the best Val (None if none);
-    ``attacks`` (A, N, *in_shape) are the perturbed points ``x^j + delta_i^j``."""
+    ``attacks`` (A, N, *in_shape) are the perturbed points ``x^j + delta_i^j``. ``status`` is
+    ``optimal`` only when ``value`` reaches ``upper_bound`` (``attack.proven_status``); else
+    ``feasible`` (an attack, optimality unproven), ``infeasible`` (no attack reaches alpha),
+    ``incomplete`` (patterns left undecided), ``timeout``, ``unknown`` or ``error``."""
 
     verdict: Verdict
     value: float | None
