@@ -10,6 +10,7 @@ from phalanx.attacks.gradient import (
     GradientAttack,
     ascend,
     bim,
+    eot_pgd,
     fgsm,
     ga1,
     ga2,
@@ -33,6 +34,7 @@ from phalanx.attacks.losses import (
     elu_regulator,
     joint_margins,
 )
+from phalanx.attacks.mora import MoraAttack, mora
 from phalanx.attacks.parameter_free import (
     AutoAttack,
     apgd,
@@ -45,9 +47,11 @@ from phalanx.attacks.parameter_free import (
 )
 from phalanx.attacks.projection import project, random_start
 from phalanx.attacks.query import SignHunterAttack, signhunter, square_attack
+from phalanx.attacks.randomized import ArcAttack, arc, expected_loss, is_randomized
 from phalanx.attacks.transforms import input_diversity, skip_gradient
 
-__all__ = ["ALL_LOSSES", "ATTACKS", "LOSSES", "Attack", "AutoAttack", "SignHunterAttack", "apgd", "apgd_ce", "apgd_t",
+__all__ = ["ALL_LOSSES", "ATTACKS", "LOSSES", "ArcAttack", "Attack", "AutoAttack", "MoraAttack", "arc", "eot_pgd",
+           "expected_loss", "is_randomized", "mora", "SignHunterAttack", "apgd", "apgd_ce", "apgd_t",
            "autoattack", "fab_t", "fab_targeted",
            "output_kind", "signhunter", "square_attack", "DistillationAttack", "GradientAttack", "ascend",
            "attack_loss", "bim", "ce_loss", "check_inputs", "configure_attack", "create_attack", "cw_margin_loss", "dlr_loss",

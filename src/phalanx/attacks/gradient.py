@@ -37,7 +37,8 @@ def _bview(v: Tensor, like: Tensor) -> Tensor:
 
 
 def ascend(objective: Objective, x: Tensor, start: Tensor, threat: ThreatModel, *, steps: int,
-           step_size: float, momentum: float = 0.0, normalize_momentum: bool = True) -> Tensor:
+           step_size: float, momentum: float = 0.0, normalize_momentum: bool = True,
+           schedule: Callable[[int], float] | None = None, heavy_ball: float = 0.0) -> Tensor:
     """The gradient loop shared by every gradient attack in phalanx.
 
     ``steps`` times: take the gradient of ``objective`` w.r.t. the input only
@@ -48,10 +49,15 @@ def ascend(objective: Objective, x: Tensor, start: Tensor, threat: ThreatModel, 
     ``threat`` ball around ``x`` intersected with the input bounds.
     ``normalize_momentum=False`` accumulates raw gradients instead (TRS's PGD never zeroes
     ``adv.grad``, so it steps along the sign of the plain running sum; REFERENCE-FACTS 'TRS').
+    ``schedule(i)`` replaces ``step_size`` at step ``i`` (e.g. MORA's cosine decay). With
+    ``heavy_ball = a > 0`` the projected step ``z`` is mixed with the previous displacement as in
+    APGD and MORA: ``x <- P(x + a (z - x) + (1 - a) (x - x_prev))`` (``a = 1`` at the first step),
+    and examples reported done are frozen entirely.
     """
     adv = start.detach()
     g = torch.zeros_like(x)
-    for _ in range(steps):
+    prev = adv
+    for i in range(steps):
         adv.requires_grad_(True)
         obj, done = objective(adv)
         grad, = torch.autograd.grad(obj.sum(), adv)
@@ -63,9 +69,16 @@ def ascend(objective: Objective, x: Tensor, start: Tensor, threat: ThreatModel, 
             direction = ascent_direction(g, threat.norm)
         else:
             direction = ascent_direction(grad, threat.norm)
+        size = schedule(i) if schedule is not None else step_size
+        if heavy_ball > 0:
+            a = heavy_ball if i > 0 else 1.0
+            z = project(adv + size * direction, x, threat)
+            new = project(adv + a * (z - adv) + (1 - a) * (adv - prev.detach()), x, threat)
+            prev, adv = adv, new if done is None else torch.where(_bview(done, new), adv, new)
+            continue
         if done is not None:
             direction = direction * _bview((~done).to(direction.dtype), direction)
-        adv = project(adv + step_size * direction, x, threat)
+        adv = project(adv + size * direction, x, threat)
     return adv.detach()
 
 
@@ -114,6 +127,8 @@ class GradientAttack(Attack):
     diversity_prob: float = 0.0
     skip_gamma: float = 1.0
     members: tuple[int, ...] | None = None
+    eot: bool = False
+    eot_samples: int | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.steps, bool) or not isinstance(self.steps, int) or self.steps < 1:
@@ -135,6 +150,13 @@ class GradientAttack(Attack):
             object.__setattr__(self, "members", tuple(int(i) for i in self.members))
             if not self.members:
                 raise PhalanxError("members must name at least one member index")
+        if self.eot:
+            from phalanx.attacks.randomized import check_samples
+
+            check_samples(self.eot_samples)
+            if self.joint or self.targeted:
+                raise PhalanxError("EOT averages the untargeted ce/cw/dlr loss over the draw; "
+                                   f"got loss {self.loss!r}{' (targeted)' if self.targeted else ''}")
 
     @property
     def joint(self) -> bool:
@@ -196,6 +218,11 @@ class GradientAttack(Attack):
                 obj = -elu_regulator(joint_margins(z, y, joint_target))
                 done = all_members_fooled(z.detach(), y) if self.early_stop else None
                 return obj, done
+            if self.eot:  # expectation over a randomized ensemble's draw (attacks/randomized.py)
+                from phalanx.attacks.randomized import expected_loss
+
+                val, out = expected_loss(model, inp, y, self.loss, samples=self.eot_samples, generator=generator)
+                return val, is_adversarial(out.detach(), y) if self.early_stop else None
             out = model(inp)
             done = is_adversarial(out.detach(), y, target if self.targeted else None) if self.early_stop else None
             return self._objective(out, y, target), done
@@ -229,6 +256,14 @@ def pgd(steps: int = 50, step_size: float = 0.2, restarts: int = 1, loss: str = 
     # DVERGE eval_wbox: 50 steps of eps/5 with random init
     return GradientAttack(name="pgd", steps=steps, step_size=step_size, random_start=True,
                           restarts=restarts, loss=loss, **kw)  # type: ignore[arg-type]
+
+
+@ATTACKS.register("eot-pgd", "EOT-PGD: PGD on the loss expected over a randomized ensemble's draw (exact or sampled)")
+def eot_pgd(steps: int = 50, step_size: float = 0.2, restarts: int = 1, loss: str = "ce", samples: int | None = None,
+            **kw: object) -> GradientAttack:
+    # samples None: exact expectation sum_m w_m L(z_m); samples = 1: single-sample PGD
+    return GradientAttack(name="eot-pgd", steps=steps, step_size=step_size, random_start=True, restarts=restarts,
+                          loss=loss, eot=True, eot_samples=samples, **kw)  # type: ignore[arg-type]
 
 
 @ATTACKS.register("mim", "MIM / MI-FGSM: momentum 1.0 on L1-normalised gradients")
@@ -286,5 +321,5 @@ def _steps(steps: object) -> int:
     return steps
 
 
-__all__ = ["GradientAttack", "Norm", "Objective", "ascend", "bim", "fgsm", "ga1", "ga2", "ga3", "mdi2fgsm",
+__all__ = ["GradientAttack", "Norm", "Objective", "ascend", "bim", "eot_pgd", "fgsm", "ga1", "ga2", "ga3", "mdi2fgsm",
            "member_logits_of", "mim", "mpgd", "pgd", "rfgsm", "sgm"]

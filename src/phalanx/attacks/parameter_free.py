@@ -22,6 +22,7 @@ from torch import Tensor, nn
 
 from phalanx.attacks.base import ATTACKS, Attack, check_inputs
 from phalanx.attacks.losses import ce_loss, dlr_loss, dlr_targeted_loss
+from phalanx.attacks.projection import apgd_start
 from phalanx.attacks.query import square_attack
 from phalanx.errors import PhalanxError
 from phalanx.types import Norm, ThreatModel
@@ -48,7 +49,8 @@ def _linf_clip(a: Tensor, x: Tensor, eps: float, bounds: tuple[float, float]) ->
 
 def apgd(model: nn.Module, x: Tensor, y: Tensor, threat: ThreatModel, *, loss: str = "ce",
          target: Tensor | None = None, n_iter: int = 100, rho: float = 0.75, alpha: float = 0.75,
-         generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
+         generator: torch.Generator | None = None, eot: bool = False,
+         eot_samples: int | None = None) -> tuple[Tensor, Tensor]:
     """One run of APGD (Croce & Hein 2020, alg. 1) in the L-inf ball; returns
     ``(x_adv, fooled)``: the first misclassified iterate where one was found, else the point of
     highest loss. ``loss`` is ``"ce"`` or ``"dlr"``; with ``target`` it is the targeted DLR.
@@ -58,6 +60,8 @@ def apgd(model: nn.Module, x: Tensor, y: Tensor, threat: ThreatModel, *, loss: s
     to at least ``0.06 n_iter``; at a checkpoint the step is halved (and the iterate reset to
     the best point) if the loss increased in at most ``rho * k`` of the last ``k`` steps, or if
     the step was not reduced at the previous checkpoint and the best loss did not improve.
+    With ``eot`` (untargeted only) the loss is averaged over a randomized ensemble's draw
+    (:func:`phalanx.attacks.randomized.expected_loss`; exact when ``eot_samples`` is None).
     """
     if threat.norm is not Norm.LINF:
         raise PhalanxError(f"phalanx's APGD is implemented for L-inf, got {threat.norm.value!r}")
@@ -70,16 +74,20 @@ def apgd(model: nn.Module, x: Tensor, y: Tensor, threat: ThreatModel, *, loss: s
 
     def grad_at(a: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         a = a.detach().requires_grad_(True)
-        out = model(a)
-        li = loss_fn(out)
+        if eot and target is None:
+            from phalanx.attacks.randomized import expected_loss
+
+            li, out = expected_loss(model, a, y, loss, samples=eot_samples, generator=generator)
+        else:
+            out = model(a)
+            li = loss_fn(out)
         g, = torch.autograd.grad(li.sum(), a)
         return li.detach(), g.detach(), out.detach()
 
     n_iter2 = max(int(0.22 * n_iter), 1)
     n_iter_min = max(int(0.06 * n_iter), 1)
     size_decr = max(int(0.03 * n_iter), 1)
-    t = 2 * torch.rand(x.shape, generator=generator, dtype=x.dtype).to(x.device) - 1
-    x_adv = (x + eps * t / _bv(t.flatten(1).abs().amax(1).clamp_min(1e-12), t)).clamp(*bounds)
+    x_adv = apgd_start(x, threat, generator)
     loss_cur, grad, out = grad_at(x_adv)
     fooled = out.argmax(-1) != y
     x_best_adv = x_adv.clone()
@@ -205,6 +213,8 @@ class AutoAttack(Attack):
     n_queries: int = 5000
     p_init: float = 0.8
     fab_iter: int = 100
+    eot: bool = False
+    eot_samples: int | None = None
 
     def __post_init__(self) -> None:
         known = ("apgd-ce", "apgd-dlr", "apgd-t", "fab-t", "square")
@@ -216,6 +226,10 @@ class AutoAttack(Attack):
             v = getattr(self, key)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise PhalanxError(f"{key} must be an integer >= 1, got {v!r}")
+        if self.eot:
+            from phalanx.attacks.randomized import check_samples
+
+            check_samples(self.eot_samples)
         if not 0 < self.p_init <= 1:
             raise PhalanxError(f"p_init must be in (0, 1], got {self.p_init!r}")
 
@@ -236,7 +250,8 @@ class AutoAttack(Attack):
                     return best
                 xs, ys = x[idx], y[idx]
                 if comp in ("apgd-ce", "apgd-dlr"):
-                    adv, ok = apgd(model, xs, ys, threat, loss=comp[5:], n_iter=self.n_iter, generator=generator)
+                    adv, ok = apgd(model, xs, ys, threat, loss=comp[5:], n_iter=self.n_iter, generator=generator,
+                                   eot=self.eot, eot_samples=self.eot_samples)
                     self._merge(best, robust, idx, adv, ok)
                 elif comp == "square":
                     adv, ok = square_attack(model, xs, ys, threat, n_queries=self.n_queries, p_init=self.p_init,
@@ -275,6 +290,12 @@ def apgd_ce(n_iter: int = 100, n_restarts: int = 1) -> AutoAttack:
     return AutoAttack(name="apgd-ce", components=("apgd-ce",), n_iter=n_iter, n_restarts=n_restarts)
 
 
+@ATTACKS.register("eot-apgd", "EOT-APGD: APGD-CE and APGD-DLR on the loss expected over a randomized ensemble's draw")
+def eot_apgd(n_iter: int = 100, n_restarts: int = 1, samples: int | None = None) -> AutoAttack:
+    return AutoAttack(name="eot-apgd", components=("apgd-ce", "apgd-dlr"), n_iter=n_iter, n_restarts=n_restarts,
+                      eot=True, eot_samples=samples)
+
+
 @ATTACKS.register("apgd-t", "APGD-T on the targeted DLR loss, 9 target classes")
 def apgd_t(n_iter: int = 100, n_target_classes: int = 9, n_restarts: int = 1) -> AutoAttack:
     return AutoAttack(name="apgd-t", components=("apgd-t",), n_iter=n_iter, n_target_classes=n_target_classes,
@@ -291,4 +312,4 @@ def square(n_queries: int = 5000, p_init: float = 0.8) -> AutoAttack:
     return AutoAttack(name="square", components=("square",), n_queries=n_queries, p_init=p_init)
 
 
-__all__ = ["AutoAttack", "apgd", "apgd_ce", "apgd_t", "autoattack", "fab_t", "fab_targeted", "output_kind", "square"]
+__all__ = ["AutoAttack", "apgd", "apgd_ce", "apgd_t", "autoattack", "eot_apgd", "fab_t", "fab_targeted", "output_kind", "square"]

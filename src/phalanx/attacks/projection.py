@@ -68,6 +68,21 @@ def random_start(x: Tensor, threat: ThreatModel, generator: torch.Generator | No
     return project(x + delta, x, threat)
 
 
+def apgd_start(x: Tensor, threat: ThreatModel, generator: torch.Generator | None) -> Tensor:
+    """APGD's and MORA's start (Croce & Hein 2020 reference code): ``x + eps * t / ||t||``, ``t``
+    uniform in [-1, 1]^d scaled onto the L-inf sphere, or Gaussian onto the L2 sphere; then the
+    input box. (L1 falls back to :func:`random_start`.)"""
+    if threat.norm is Norm.L1:
+        return random_start(x, threat, generator)
+    if threat.norm is Norm.LINF:
+        t = 2 * torch.rand(x.shape, generator=generator, dtype=x.dtype).to(x.device) - 1
+        n = t.flatten(1).abs().amax(1)
+    else:
+        t = torch.randn(x.shape, generator=generator, dtype=x.dtype).to(x.device)
+        n = t.flatten(1).norm(dim=1)
+    return (x + threat.eps * t / n.clamp_min(1e-12).view(-1, *([1] * (x.dim() - 1)))).clamp(*threat.bounds)
+
+
 def ascent_direction(grad: Tensor, norm: Norm) -> Tensor:
     """Steepest-ascent unit step: sign for L-inf, normalised gradient for L2, and for L1 the
     sign of the largest-magnitude coordinate of each example (a vertex of the L1 ball)."""

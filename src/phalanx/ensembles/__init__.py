@@ -10,8 +10,17 @@ from phalanx.ensembles.checkpoint import (
     safe_load,
     save_ensemble,
 )
-from phalanx.ensembles.ensemble import Combiner, Ensemble, combine
+from phalanx.ensembles.ensemble import (
+    Combiner,
+    Ensemble,
+    combine,
+    draw_probabilities,
+    expected_correct,
+    soft_vote,
+    vote_can_tie,
+    vote_scores,
+)
 
 __all__ = ["Combiner", "Ensemble", "ModelConfig", "atomic_save", "build_ensemble", "checkpoint_info", "combine",
-           "ensemble_from_state",
-           "ensemble_state", "load_ensemble", "safe_load", "save_ensemble"]
+           "draw_probabilities", "ensemble_from_state", "ensemble_state", "expected_correct", "load_ensemble",
+           "safe_load", "save_ensemble", "soft_vote", "vote_can_tie", "vote_scores"]

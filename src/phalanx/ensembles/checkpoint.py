@@ -63,6 +63,7 @@ def ensemble_state(ensemble: Ensemble, *, dataset: str | None = None, extra: dic
         "format": FORMAT,
         "version": VERSION,
         "combiner": ensemble.combiner.value,
+        "weights": json.dumps([float(w) for w in ensemble.weights]) if ensemble.randomized else None,
         "dataset": dataset,
         "normalization": json.dumps({"mean": first.get("mean"), "std": first.get("std")}),
         "members": members,
@@ -94,7 +95,8 @@ def ensemble_from_state(state: Any, source: str = "checkpoint") -> Ensemble:
             msg = str(exc).strip().splitlines()[0]
             raise CheckpointError(f"{source}: member {i} weights do not match architecture {cfg.get('name')!r}: {msg}") from None
         members.append(model)
-    return Ensemble(members, Combiner.parse(state["combiner"]))
+    weights = state.get("weights")
+    return Ensemble(members, Combiner.parse(state["combiner"]), json.loads(weights) if weights else None)
 
 
 def load_ensemble(path: str | Path, *, map_location: str | torch.device = "cpu") -> Ensemble:
@@ -109,6 +111,7 @@ def checkpoint_info(path: str | Path) -> dict[str, Any]:
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         raise CheckpointError(f"{path} is not a phalanx ensemble checkpoint")
     return {"dataset": state.get("dataset"), "combiner": state["combiner"],
+            "weights": json.loads(state["weights"]) if state.get("weights") else None,
             "normalization": json.loads(state["normalization"]),
             "members": [json.loads(m["config"]) for m in state["members"]],
             "extra": json.loads(state.get("extra", "{}"))}

@@ -21,23 +21,95 @@ class Combiner(str, enum.Enum):
     MEAN_PROB = "mean-prob"  # DVERGE, SMD: log of the mean of member softmaxes
     MEAN_LOGITS = "mean-logits"  # softmax of the mean of member logits (piecewise linear)
     MAX_PROB = "max-prob"  # iGAT's Ensemble_max: per class, the largest member probability
+    VOTE = "vote"  # majority vote of hard labels; only where no tie can occur (see Ensemble)
+    VOTE_PROB = "vote-prob"  # majority vote, ties broken by the larger mean member probability
+    VOTE_INDEX = "vote-index"  # majority vote, ties broken by the smaller class index
+    RANDOM = "random"  # one member drawn per query with fixed probabilities (Gross et al. 2022)
 
     @classmethod
     def parse(cls, value: str | Combiner) -> Combiner:
         return parse_enum(cls, value, "combiner")
 
+    @property
+    def voting(self) -> bool:
+        return self in (Combiner.VOTE, Combiner.VOTE_PROB, Combiner.VOTE_INDEX)
 
-def combine(member_logits: Tensor, combiner: Combiner | str) -> Tensor:
+    @property
+    def randomized(self) -> bool:
+        return self is Combiner.RANDOM
+
+
+#: MORA's soft vote (models/ensemble_voting.py): each member's logits rescaled so that its
+#: top-1/top-2 margin equals this value before the softmax
+VOTE_SHARPNESS = 10.0
+
+
+def soft_vote(member_logits: Tensor, sharpness: float = VOTE_SHARPNESS) -> Tensor:
+    """Differentiable surrogate of a majority vote (Yu et al. 2022, MORA's voting ensemble):
+    ``mean_m softmax(z_m * sharpness / gap_m)`` with ``gap_m`` member m's top-1 minus top-2
+    logit, held constant (detached). Each member contributes an almost one-hot vote whose
+    gradient still points across its decision boundary. Returns (B, K) probabilities."""
+    top2 = member_logits.detach().topk(2, dim=-1).values
+    gap = (top2[..., 0] - top2[..., 1]).clamp_min(1e-12)[..., None]
+    return torch.softmax(member_logits * (sharpness / gap), dim=-1).mean(0)
+
+
+def vote_scores(member_logits: Tensor, combiner: Combiner | str) -> Tensor:
+    """(B, K) vote counts of (M, B, K) logits plus a tie-break term below half a vote whose
+    argmax is the vote's winner: ``vote-prob`` adds half the mean member probability,
+    ``vote-index`` half of ``(K - 1 - k) / K`` (the smaller index wins), ``vote`` nothing
+    (ties then go to the smaller index, as ``argmax``; use it only where none can occur)."""
+    comb = Combiner.parse(combiner)
+    k = member_logits.shape[-1]
+    counts = torch.nn.functional.one_hot(member_logits.argmax(-1), k).to(member_logits.dtype).sum(0)
+    if comb is Combiner.VOTE_PROB:
+        return counts + 0.5 * torch.softmax(member_logits.detach(), dim=-1).mean(0)
+    if comb is Combiner.VOTE_INDEX:
+        order = torch.arange(k - 1, -1, -1, device=counts.device, dtype=counts.dtype) / k
+        return counts + 0.5 * order
+    return counts
+
+
+def draw_probabilities(member_logits: Tensor, weights: Tensor) -> Tensor:
+    """(B, K) probability that a randomized ensemble answers class k: ``sum_m w_m [argmax z_m = k]``
+    (one member drawn with probabilities ``weights`` per query; Gross et al. 2022, Def. 1)."""
+    k = member_logits.shape[-1]
+    onehot = torch.nn.functional.one_hot(member_logits.argmax(-1), k).to(member_logits.dtype)
+    return (weights.to(onehot.dtype)[:, None, None] * onehot).sum(0)
+
+
+def _straight_through(value: Tensor, surrogate: Tensor) -> Tensor:
+    """``value`` in the forward pass, the gradient of ``surrogate`` in the backward pass."""
+    return value.detach() + (surrogate - surrogate.detach())
+
+
+def combine(member_logits: Tensor, combiner: Combiner | str, weights: Tensor | None = None) -> Tensor:
     """Combine (M, B, K) member logits into (B, K) log-probabilities of the ensemble.
 
     - mean-prob: ``log(mean_m softmax(z_m))`` clamped at 1e-40;
     - mean-logits: ``log_softmax(mean_m z_m)``;
     - max-prob: ``log(q / sum_k q_k)`` with ``q_k = max_m softmax(z_m)_k`` (the argmax is the
-      class that some member is most confident in, as iGAT's max ensemble).
+      class that some member is most confident in, as iGAT's max ensemble);
+    - vote, vote-prob, vote-index: the log of the normalised :func:`vote_scores` (argmax = the
+      majority vote with the stated tie rule); the gradient is that of :func:`soft_vote`
+      (straight-through), so gradient attacks see the vote's boundaries instead of zero;
+    - random: ``log`` of :func:`draw_probabilities` with ``weights`` (uniform if None): the
+      probability of each answer over the draw, so ``exp(output)[y]`` is the expected
+      correctness; the gradient is that of the mixture ``sum_m w_m softmax(z_m)``.
     """
     comb = Combiner.parse(combiner)
     if member_logits.dim() != 3:
         raise PhalanxError(f"member logits must have shape (M, B, K), got {tuple(member_logits.shape)}")
+    if comb.voting:
+        scores = vote_scores(member_logits, comb)
+        hard = scores / scores.sum(-1, keepdim=True)
+        return torch.log(_straight_through(hard, soft_vote(member_logits)).clamp_min(LOG_CLAMP))
+    if comb.randomized:
+        m = member_logits.shape[0]
+        w = weights if weights is not None else torch.full((m,), 1.0 / m, device=member_logits.device)
+        w = w.to(member_logits.device, member_logits.dtype)
+        mixture = (w[:, None, None] * torch.softmax(member_logits, dim=-1)).sum(0)
+        return torch.log(_straight_through(draw_probabilities(member_logits, w), mixture).clamp_min(LOG_CLAMP))
     if comb is Combiner.MEAN_LOGITS:
         return torch.log_softmax(member_logits.mean(0), dim=-1)
     if comb is Combiner.MEAN_PROB:
@@ -50,15 +122,25 @@ def combine(member_logits: Tensor, combiner: Combiner | str) -> Tensor:
 
 
 class Ensemble(nn.Module):
-    """Members in an ``nn.ModuleList``; ``forward`` returns (B, K) log-probabilities."""
+    """Members in an ``nn.ModuleList``; ``forward`` returns (B, K) log-probabilities. ``weights``
+    are the member probabilities of the ``random`` combiner (uniform if None)."""
 
-    def __init__(self, members: Sequence[nn.Module], combiner: Combiner | str = Combiner.MEAN_PROB) -> None:
+    weights: Tensor
+
+    def __init__(self, members: Sequence[nn.Module], combiner: Combiner | str = Combiner.MEAN_PROB,
+                 weights: Sequence[float] | Tensor | None = None) -> None:
         super().__init__()
         if len(members) < 1:
             raise PhalanxError("an ensemble needs at least one member")
         self.members = nn.ModuleList(members)
         self.combiner = Combiner.parse(combiner)
         self._check_compatible()
+        self.register_buffer("weights", check_weights(weights, len(members), self.combiner), persistent=False)
+        if self.combiner is Combiner.VOTE and vote_can_tie(len(members), self.num_classes):
+            raise PhalanxError(
+                f"combiner 'vote' with {len(members)} members and {self.num_classes or 'unknown'} classes can tie; "
+                "give a tie rule: 'vote-prob' (the larger mean member probability wins) or 'vote-index' "
+                "(the smaller class index wins)")
 
     def _check_compatible(self) -> None:
         shapes = {tuple(getattr(m, "in_shape", ())) for m in self.members}
@@ -85,12 +167,21 @@ class Ensemble(nn.Module):
     def num_classes(self) -> int:
         return int(getattr(self.members[0], "num_classes", 0))
 
+    @property
+    def randomized(self) -> bool:
+        """True for a randomized ensemble (one member drawn per query)."""
+        return self.combiner.randomized
+
     def member_logits(self, x: Tensor) -> Tensor:
         """(M, B, K) logits of every member."""
         return torch.stack([m(x) for m in self.members])
 
+    def combine(self, member_logits: Tensor) -> Tensor:
+        """:func:`combine` with this ensemble's combiner and member probabilities."""
+        return combine(member_logits, self.combiner, self.weights if self.randomized else None)
+
     def forward(self, x: Tensor) -> Tensor:
-        return combine(self.member_logits(x), self.combiner)
+        return self.combine(self.member_logits(x))
 
     def predict(self, x: Tensor) -> Tensor:
         return self.forward(x).argmax(-1)
@@ -100,4 +191,39 @@ class Ensemble(nn.Module):
         idx = list(indices)
         if not idx or any(not 0 <= i < len(self) for i in idx) or len(set(idx)) != len(idx):
             raise PhalanxError(f"member indices must be distinct and in 0..{len(self) - 1}, got {idx}")
-        return Ensemble([self.members[i] for i in idx], self.combiner)
+        w = None
+        if self.randomized:
+            w = self.weights[idx]
+            if float(w.sum()) <= 0:
+                raise PhalanxError(f"members {idx} have probability 0 in this randomized ensemble")
+            w = w / w.sum()
+        return Ensemble([self.members[i] for i in idx], self.combiner, w)
+
+
+def vote_can_tie(members: int, classes: int) -> bool:
+    """Whether a plain majority vote of ``members`` hard labels over ``classes`` can tie."""
+    return members > 1 and not (members % 2 == 1 and classes == 2)
+
+
+def check_weights(weights: Sequence[float] | Tensor | None, members: int, combiner: Combiner) -> Tensor:
+    """Validated member probabilities (uniform if None) of a randomized ensemble."""
+    if weights is None:
+        return torch.full((members,), 1.0 / members)
+    if not combiner.randomized:
+        raise PhalanxError(f"member weights are only used by the 'random' combiner, got combiner {combiner.value!r}")
+    w = torch.as_tensor(weights, dtype=torch.float32).detach().flatten().cpu()
+    if w.numel() != members or not bool(torch.isfinite(w).all()) or bool((w < 0).any()) \
+            or abs(float(w.sum()) - 1.0) > 1e-5:
+        raise PhalanxError(f"member probabilities must be {members} non-negative numbers summing to 1, "
+                           f"got {[round(float(v), 6) for v in w]}")
+    return w / w.sum()
+
+
+def expected_correct(model: nn.Module, x: Tensor, y: Tensor) -> Tensor:
+    """(B,) probability that ``model`` answers ``y``: exactly ``sum_m w_m [argmax z_m = y]`` for
+    a randomized ensemble (the expectation over the draw, not one sample), else 0 or 1."""
+    with torch.no_grad():
+        if getattr(model, "randomized", False):
+            z = model.member_logits(x)  # type: ignore[operator]
+            return draw_probabilities(z, model.weights).gather(-1, y[:, None]).squeeze(-1)  # type: ignore[arg-type]
+        return (model(x).argmax(-1) == y).to(torch.float32)

@@ -7,7 +7,7 @@ from typing import Any
 import torch
 
 from phalanx.data import Split, iterate_batches
-from phalanx.ensembles import Ensemble, combine
+from phalanx.ensembles import Ensemble, draw_probabilities
 
 
 def model_device(model: torch.nn.Module) -> torch.device:
@@ -18,20 +18,23 @@ def model_device(model: torch.nn.Module) -> torch.device:
 @torch.no_grad()
 def evaluate_clean(ensemble: Ensemble, split: Split, batch_size: int = 500) -> dict[str, Any]:
     """Accuracy of the ensemble and each member, and the fraction where all members agree.
+    For a randomized ensemble the accuracy is the exact expectation over the draw.
     Runs in eval mode and restores the previous mode."""
     was_training = ensemble.training
     ensemble.eval()
     device = model_device(ensemble)
-    correct = torch.zeros((), dtype=torch.long)
+    correct = torch.zeros((), dtype=torch.float64)
     member_correct = torch.zeros(len(ensemble), dtype=torch.long)
     agree = torch.zeros((), dtype=torch.long)
     pair_agree = torch.zeros(len(ensemble), len(ensemble), dtype=torch.long)
     for x, y in iterate_batches(split, batch_size):
         x, y = x.to(device), y.to(device)
         logits = ensemble.member_logits(x)
-        pred = combine(logits, ensemble.combiner).argmax(-1)
+        if ensemble.randomized:
+            correct += draw_probabilities(logits, ensemble.weights).gather(-1, y[:, None]).sum().double().cpu()
+        else:
+            correct += (ensemble.combine(logits).argmax(-1) == y).sum().double().cpu()
         mpred = logits.argmax(-1)
-        correct += (pred == y).sum().cpu()
         member_correct += (mpred == y).sum(1).cpu()
         agree += (mpred == mpred[:1]).all(0).sum().cpu()
         pair_agree += (mpred[:, None] == mpred[None]).sum(-1).cpu()

@@ -11,6 +11,7 @@ from torch import nn
 
 from phalanx.attacks import Attack, pgd
 from phalanx.data import Split, iterate_batches
+from phalanx.ensembles import expected_correct
 from phalanx.evaluation.clean import model_device
 from phalanx.types import Norm, ThreatModel, check_eps
 
@@ -28,7 +29,8 @@ class CurvePoint:
 def robust_correct(model: nn.Module, split: Split, attack: Attack, threat: ThreatModel, *,
                    batch_size: int = 500, generator: torch.Generator | None = None,
                    progress: bool = False, desc: str = "") -> torch.Tensor:
-    """(N,) bool: which examples the model still classifies correctly after ``attack``."""
+    """(N,) float: whether the model still classifies each example correctly after ``attack``
+    (0 or 1), or for a randomized ensemble the exact probability of it over the draw."""
     device = model_device(model)
     out = []
     batches = iterate_batches(split, batch_size)
@@ -39,9 +41,8 @@ def robust_correct(model: nn.Module, split: Split, attack: Attack, threat: Threa
     for x, y in batches:
         x, y = x.to(device), y.to(device)
         adv = attack(model, x, y, threat, generator=generator)
-        with torch.no_grad():
-            out.append((model(adv).argmax(-1) == y).cpu())
-    return torch.cat(out) if out else torch.zeros(0, dtype=torch.bool)
+        out.append(expected_correct(model, adv, y).cpu())
+    return torch.cat(out) if out else torch.zeros(0)
 
 
 def robust_accuracy_curve(model: nn.Module, split: Split, eps_list: Sequence[float], *,

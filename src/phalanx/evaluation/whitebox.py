@@ -49,7 +49,7 @@ def whitebox_evaluation(model: nn.Module, split: Split, eps_list: Sequence[float
             ok = robust_correct(model, split, atk, threat, batch_size=batch_size, generator=generator,
                                 progress=progress, desc=f"{name} eps={eps:g}")
             curves[name].append({"eps": eps, "accuracy": _acc(ok), "n": len(ok)})
-            all_ok = ok if all_ok is None else all_ok & ok
+            all_ok = ok if all_ok is None else torch.minimum(all_ok, ok)
         assert all_ok is not None
         worst.append({"eps": eps, "accuracy": _acc(all_ok), "n": len(all_ok)})
     member_curves: dict[str, list[dict[str, Any]]] = {}

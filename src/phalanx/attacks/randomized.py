@@ -1,0 +1,212 @@
+"""Attacks on randomized ensembles (one member drawn per query with fixed probabilities).
+
+- Expectation over the randomness (EOT, Athalye et al. 2018) for gradient attacks:
+  :func:`expected_loss` averages the loss over the draw, exactly (``sum_m w_m L(z_m)``) or
+  from ``samples`` draws per query; ``samples = 1`` is single-sample PGD, which sees one random
+  member per gradient.
+- ARC (Dbouk and Shanbhag, ICML 2022, "Adversarial Vulnerability of Randomized Ensembles",
+  alg. 1; reference code ``hsndbk4/ARC``, ``attack.py``): members in decreasing probability;
+  for each, the direction to its closest linearised decision boundary (dual-norm distance
+  ``zeta``), a step ``beta`` that keeps the previous members' progress, a local perturbation
+  of norm ``eta``; a candidate is kept only if the *expected accuracy* does not increase.
+  Defaults as the reference's README: 20 iterations, ``eta = eps``, no random start.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from phalanx.attacks.base import ATTACKS, Attack, check_inputs
+from phalanx.attacks.losses import attack_loss
+from phalanx.errors import PhalanxError
+from phalanx.types import Norm, ThreatModel
+
+
+def is_randomized(model: nn.Module) -> bool:
+    return bool(getattr(model, "randomized", False))
+
+
+def check_samples(samples: int | None) -> int | None:
+    if samples is not None and (isinstance(samples, bool) or not isinstance(samples, int) or samples < 1):
+        raise PhalanxError(f"EOT samples must be an integer >= 1 (or None for the exact expectation over the "
+                           f"members), got {samples!r}")
+    return samples
+
+
+def expected_loss(model: nn.Module, x: Tensor, y: Tensor, loss: str = "ce", *, samples: int | None = None,
+                  generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
+    """``(loss (B,), output (B, K))``: for a randomized ensemble the loss of each member's
+    log-softmax averaged over the draw (exactly with member probabilities when ``samples`` is
+    None, else over ``samples`` independent draws per example); for any other model the loss of
+    its output (there is nothing to average)."""
+    check_samples(samples)
+    if not is_randomized(model):
+        out = model(x)
+        return attack_loss(out, y, loss), out
+    ens: Any = model
+    z = ens.member_logits(x)
+    out = ens.combine(z)
+    m, b = z.shape[0], z.shape[1]
+    per = torch.stack([attack_loss(torch.log_softmax(z[i], -1), y, loss) for i in range(m)])  # (M, B)
+    w = ens.weights.to(per.device, per.dtype)
+    if samples is None:
+        return (w[:, None] * per).sum(0), out
+    draws = torch.multinomial(w.cpu().float(), b * samples, replacement=True, generator=generator)
+    draws = draws.view(samples, b).to(per.device)
+    return per.gather(0, draws).mean(0), out
+
+
+def expected_accuracy(model: nn.Module, x: Tensor, y: Tensor) -> Tensor:
+    from phalanx.ensembles import expected_correct
+
+    return expected_correct(model, x, y)
+
+
+def _dual(v: Tensor, norm: Norm) -> Tensor:
+    flat = v.flatten(1)
+    return flat.abs().sum(1) if norm is Norm.LINF else flat.norm(dim=1)
+
+
+def _bv(v: Tensor, like: Tensor) -> Tensor:
+    return v.view(-1, *([1] * (like.dim() - 1)))
+
+
+def _to_ball(d: Tensor, x: Tensor, threat: ThreatModel) -> Tensor:
+    """The reference's projection of a perturbation: clip (L-inf) or renorm (L2) to eps, then
+    the input box."""
+    if threat.norm is Norm.LINF:
+        d = d.clamp(-threat.eps, threat.eps)
+    else:
+        n = d.flatten(1).norm(dim=1)
+        d = d * _bv(torch.where(n > threat.eps, threat.eps / n.clamp_min(1e-12), torch.ones_like(n)), d)
+    lo, hi = threat.bounds
+    return torch.minimum(torch.maximum(d, lo - x), hi - x)
+
+
+def closest_boundary(member: nn.Module, point: Tensor, norm: Norm, top_k: int | None = None) -> tuple[Tensor, Tensor, Tensor]:
+    """For each example: ``zeta`` the dual-norm distance to the closest linearised decision
+    boundary of ``member`` at ``point`` (between its predicted class and any other, or the
+    ``top_k - 1`` runner-ups), the unit direction ``g`` to it (``-sign(w)`` for L-inf,
+    ``-w / ||w||_2`` for L2) and ``g2 = -w / ||w||_*`` (used for beta)."""
+    a = point.detach().requires_grad_(True)
+    out = member(a)
+    k = out.shape[-1]
+    cand = out.detach().topk(top_k or k, dim=-1).indices
+    pred = cand[:, 0]
+    u = torch.arange(out.shape[0], device=out.device)
+    g_pred, = torch.autograd.grad(out[u, pred].sum(), a, retain_graph=True)
+    zeta = torch.full((out.shape[0],), float("inf"), device=out.device, dtype=out.dtype)
+    g = torch.zeros_like(point)
+    g2 = torch.zeros_like(point)
+    for c in range(1, cand.shape[1]):
+        j = cand[:, c]
+        g_j, = torch.autograd.grad(out[u, j].sum(), a, retain_graph=c < cand.shape[1] - 1)
+        with torch.no_grad():
+            w = g_pred - g_j
+            dn = _dual(w, norm)
+            zj = (out[u, pred] - out[u, j]).abs().detach() / (dn + 1e-10)
+            upd = zeta > zj
+            zeta = torch.where(upd, zj, zeta)
+            unit = -w.sign() if norm is Norm.LINF else -w / _bv(dn + 1e-10, w)
+            g = torch.where(_bv(upd, g), unit, g)
+            g2 = torch.where(_bv(upd, g), -w / _bv(dn + 1e-10, w), g2)
+    return zeta, g, g2
+
+
+def arc(model: nn.Module, x: Tensor, y: Tensor, threat: ThreatModel, *, steps: int = 20, step_size: float = 1.0,
+        rand_init: bool = False, top_k: int | None = None, generator: torch.Generator | None = None) -> Tensor:
+    """ARC (Dbouk and Shanbhag 2022, alg. 1) on a randomized ensemble; ``step_size`` is the local
+    radius ``eta`` as a fraction of eps. Returns the point of lowest expected accuracy found."""
+    if not is_randomized(model):
+        comb = getattr(getattr(model, "combiner", None), "value", type(model).__name__)
+        raise PhalanxError(f"ARC attacks randomized ensembles (combiner 'random'), got {comb!r}; "
+                           "for a deterministic ensemble use mora, autoattack or pgd")
+    if threat.norm not in (Norm.LINF, Norm.L2):
+        raise PhalanxError(f"ARC is defined for L-inf and L2 (as the reference), got {threat.norm.value!r}")
+    ens: Any = model
+    members = list(ens.members)
+    w = ens.weights.cpu()
+    order = sorted(range(len(members)), key=lambda i: -float(w[i]))  # stable: ties keep member order
+    eps = threat.eps
+    beta_m = step_size * eps
+    rho = 0.05 * eps
+    delta_min = torch.zeros_like(x)
+    if rand_init:
+        from phalanx.attacks.projection import random_start
+
+        delta_min = random_start(x, threat, generator) - x
+    delta_min = _to_ball(delta_min, x, threat)
+    loss_min = expected_accuracy(model, x, y)  # as the reference, also with a random start
+
+    def local_norm(d: Tensor) -> Tensor:
+        flat = d.flatten(1)
+        return flat.abs().amax(1) if threat.norm is Norm.LINF else flat.norm(dim=1)
+
+    for _ in range(steps):
+        delta_local = torch.zeros_like(x)
+        loss_local = loss_min.clone()
+        for n_i, i in enumerate(order):
+            zeta, g, g2 = closest_boundary(members[i], x + delta_min + delta_local, threat.norm, top_k)
+            beta = torch.full_like(zeta, beta_m)
+            if n_i > 0:
+                dot = (g2 * delta_local).flatten(1).sum(1)
+                beta_c = beta_m / (beta_m - zeta + 1e-10) * (zeta - dot).abs() + rho
+                beta = torch.where(zeta < beta_m, beta_c, beta)
+            hat = delta_local + _bv(beta, g) * g
+            hat = beta_m * hat / _bv(local_norm(hat) + 1e-10, hat)
+            d = _to_ball(delta_min + hat, x, threat)
+            new = expected_accuracy(model, x + d, y)
+            keep = new <= loss_local
+            delta_local = torch.where(_bv(keep, x), hat, delta_local)
+            loss_local = torch.minimum(loss_local, new)
+        d = _to_ball(delta_min + delta_local, x, threat)
+        new = expected_accuracy(model, x + d, y)
+        keep = new <= loss_min
+        delta_min = torch.where(_bv(keep, x), d, delta_min)
+        loss_min = torch.minimum(loss_min, new)
+    return (x + delta_min).detach()
+
+
+@dataclass(frozen=True)
+class ArcAttack(Attack):
+    """ARC for randomized ensembles; see :func:`arc`. ``top_k`` None searches all C - 1
+    hyperplanes (reference ``g = -1``), else the ``top_k - 1`` runner-ups (ARC-lite)."""
+
+    name: str = "arc"
+    steps: int = 20
+    step_size: float = 1.0
+    rand_init: bool = False
+    top_k: int | None = None
+
+    def __post_init__(self) -> None:
+        if isinstance(self.steps, bool) or not isinstance(self.steps, int) or self.steps < 1:
+            raise PhalanxError(f"steps must be an integer >= 1, got {self.steps!r}")
+        if not self.step_size > 0:
+            raise PhalanxError(f"step_size must be > 0 (a fraction of eps), got {self.step_size!r}")
+        if self.top_k is not None and (isinstance(self.top_k, bool) or not isinstance(self.top_k, int)
+                                       or self.top_k < 2):
+            raise PhalanxError(f"top_k must be an integer >= 2 (or None for all classes), got {self.top_k!r}")
+
+    def __call__(self, model: nn.Module, x: Tensor, y: Tensor, threat: ThreatModel, *,
+                 generator: torch.Generator | None = None, target: Tensor | None = None) -> Tensor:
+        check_inputs(model, x, y)
+        if not is_randomized(model):
+            arc(model, x, y, threat)  # raises the error naming the combiner
+        x = x.detach()
+        if threat.eps == 0:
+            return x.clone()
+        return arc(model, x, y, threat, steps=self.steps, step_size=self.step_size, rand_init=self.rand_init,
+                   top_k=self.top_k, generator=generator)
+
+
+@ATTACKS.register("arc", "ARC: attack on randomized ensembles, 20 steps, eta = eps (Dbouk & Shanbhag 2022)")
+def arc_attack(steps: int = 20, step_size: float = 1.0, rand_init: bool = False, top_k: int | None = None) -> ArcAttack:
+    return ArcAttack(steps=steps, step_size=step_size, rand_init=rand_init, top_k=top_k)
+
+
+__all__ = ["ArcAttack", "arc", "arc_attack", "check_samples", "closest_boundary", "expected_accuracy",
+           "expected_loss", "is_randomized"]
