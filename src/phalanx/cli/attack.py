@@ -19,7 +19,7 @@ from phalanx.cli.common import (
 from phalanx.config import load_config, parse_value
 from phalanx.errors import PhalanxError
 
-PROTOCOLS = ("whitebox", "blackbox", "transferability", "diversity")
+PROTOCOLS = ("whitebox", "blackbox", "transferability", "diversity", "card")
 
 
 def parse_params(items: tuple[str, ...]) -> dict[str, Any]:
@@ -200,6 +200,7 @@ def attack(checkpoints: tuple[str, ...], config_path: str | None, overrides: tup
 @click.option("--surrogate-epochs", type=int, default=10, show_default=True)
 @click.option("--transfer-steps", type=int, default=100, show_default=True)
 @click.option("--no-sanity", is_flag=True, help="Skip the gradient-masking sanity checks.")
+@click.option("--quick", is_flag=True, help="card: reduced attack budgets instead of the published defaults.")
 @click.option("--seed", type=int, default=0)
 @device_option
 @out_option
@@ -208,10 +209,12 @@ def evaluate(checkpoint: str, config_path: str | None, overrides: tuple[str, ...
              dataset: str | None, data_dir: str | None, limit: int | None, eps: str | None, attack: str | None,
              loss: str | None, steps: int | None, restarts: int | None, params: tuple[str, ...],
              transfer_sets: str | None, surrogates: str | None, train_surrogates: str | None,
-             surrogate_epochs: int, transfer_steps: int, no_sanity: bool, seed: int, device: str | None,
+             surrogate_epochs: int, transfer_steps: int, no_sanity: bool, quick: bool, seed: int, device: str | None,
              out: str | None, progress: bool) -> None:
     """Evaluate a saved ensemble with a protocol: white-box curves (several attacks, worst case,
-    members), black-box transfer sets, the transferability matrix or DVERGE's diversity."""
+    members), black-box transfer sets, the transferability matrix, DVERGE's diversity, or the
+    robustness card (AutoAttack, MORA, transfer from a standard ensemble; ARC and EOT for
+    randomized ensembles; per-example worst case and gradient-masking flags)."""
     from phalanx.reports.evaluation_report import write_evaluation_report
     from phalanx.runs import environment, write_json, write_results
     from phalanx.workflows.evaluation import EvaluationSpec, run_evaluation
@@ -228,7 +231,7 @@ def evaluate(checkpoint: str, config_path: str | None, overrides: tuple[str, ...
                           surrogates=parse_names(surrogates) or (),
                           train_surrogates=parse_ints(train_surrogates, "--train-surrogates"),
                           surrogate_epochs=surrogate_epochs, transfer_steps=transfer_steps,
-                          diversity_eps=(cfg.eval.eps[-1] if eps is not None else 0.07))
+                          diversity_eps=(cfg.eval.eps[-1] if eps is not None else 0.07), quick=quick)
     run_dir = run_dir_for(out, "evaluate")
     write_json(run_dir / "config.json", cfg.to_dict())
     write_json(run_dir / "environment.json", environment(seed, cfg.train.device))
@@ -237,6 +240,7 @@ def evaluate(checkpoint: str, config_path: str | None, overrides: tuple[str, ...
     write_results(run_dir, "evaluate", {"config": cfg.to_dict(), "checkpoint": checkpoint,
                                         "spec": {k: v for k, v in spec.__dict__.items()}, "results": results})
     failed = [c for sec in ("whitebox", "blackbox") for c in results.get(sec, {}).get("sanity", []) if not c["passed"]]
+    failed += [c for c in results.get("card", {}).get("flags", []) if not c["passed"]]
     for c in failed:
         click.echo(f"warning: sanity check failed ({c['name']}): {c['detail']}", err=True)
     click.echo(f"clean accuracy {results['clean']['accuracy']:.4f}; protocol {protocol}; report {report}")

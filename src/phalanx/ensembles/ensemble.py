@@ -55,19 +55,25 @@ def soft_vote(member_logits: Tensor, sharpness: float = VOTE_SHARPNESS) -> Tenso
 
 
 def vote_scores(member_logits: Tensor, combiner: Combiner | str) -> Tensor:
-    """(B, K) vote counts of (M, B, K) logits plus a tie-break term below half a vote whose
-    argmax is the vote's winner: ``vote-prob`` adds half the mean member probability,
-    ``vote-index`` half of ``(K - 1 - k) / K`` (the smaller index wins), ``vote`` nothing
-    (ties then go to the smaller index, as ``argmax``; use it only where none can occur)."""
+    """(B, K) vote counts of (M, B, K) logits plus terms below half a vote whose argmax is the
+    vote's winner with the combiner's tie rule, and through which gradients flow:
+
+    - ``vote-prob``: ``+ 0.5 * mean_m softmax(z_m)`` (ties go to the larger mean probability);
+    - ``vote-index``: ``+ 0.5 (K - 1 - k) / K + 0.25 / K * soft_vote`` (the smaller index wins;
+      the soft-vote term is below half the gap between two index terms);
+    - ``vote``: ``+ 0.25 * soft_vote`` (use it only where no tie can occur).
+
+    The counts themselves are piecewise constant; the added terms give gradient attacks the
+    direction across the members' boundaries (:func:`soft_vote`, MORA's voting surrogate)."""
     comb = Combiner.parse(combiner)
     k = member_logits.shape[-1]
     counts = torch.nn.functional.one_hot(member_logits.argmax(-1), k).to(member_logits.dtype).sum(0)
     if comb is Combiner.VOTE_PROB:
-        return counts + 0.5 * torch.softmax(member_logits.detach(), dim=-1).mean(0)
+        return counts + 0.5 * torch.softmax(member_logits, dim=-1).mean(0)
     if comb is Combiner.VOTE_INDEX:
         order = torch.arange(k - 1, -1, -1, device=counts.device, dtype=counts.dtype) / k
-        return counts + 0.5 * order
-    return counts
+        return counts + 0.5 * order + (0.25 / k) * soft_vote(member_logits)
+    return counts + 0.25 * soft_vote(member_logits)
 
 
 def draw_probabilities(member_logits: Tensor, weights: Tensor) -> Tensor:
@@ -78,9 +84,8 @@ def draw_probabilities(member_logits: Tensor, weights: Tensor) -> Tensor:
     return (weights.to(onehot.dtype)[:, None, None] * onehot).sum(0)
 
 
-def _straight_through(value: Tensor, surrogate: Tensor) -> Tensor:
-    """``value`` in the forward pass, the gradient of ``surrogate`` in the backward pass."""
-    return value.detach() + (surrogate - surrogate.detach())
+#: weight of the member-probability mixture added to a randomized ensemble's answer probabilities
+MIXTURE_WEIGHT = 1e-3
 
 
 def combine(member_logits: Tensor, combiner: Combiner | str, weights: Tensor | None = None) -> Tensor:
@@ -90,26 +95,27 @@ def combine(member_logits: Tensor, combiner: Combiner | str, weights: Tensor | N
     - mean-logits: ``log_softmax(mean_m z_m)``;
     - max-prob: ``log(q / sum_k q_k)`` with ``q_k = max_m softmax(z_m)_k`` (the argmax is the
       class that some member is most confident in, as iGAT's max ensemble);
-    - vote, vote-prob, vote-index: the log of the normalised :func:`vote_scores` (argmax = the
-      majority vote with the stated tie rule); the gradient is that of :func:`soft_vote`
-      (straight-through), so gradient attacks see the vote's boundaries instead of zero;
-    - random: ``log`` of :func:`draw_probabilities` with ``weights`` (uniform if None): the
-      probability of each answer over the draw, so ``exp(output)[y]`` is the expected
-      correctness; the gradient is that of the mixture ``sum_m w_m softmax(z_m)``.
+    - vote, vote-prob, vote-index: ``log`` of the normalised :func:`vote_scores` (argmax = the
+      majority vote with the stated tie rule; gradients through its differentiable terms);
+    - random: ``log((d + c q) / (1 + c))`` with ``d`` :func:`draw_probabilities` (uniform
+      ``weights`` if None), ``q = sum_m w_m softmax(z_m)`` the mixture and ``c`` =
+      :data:`MIXTURE_WEIGHT`: ``exp(output)[y]`` is the expected correctness up to ``c`` (exactly:
+      :func:`expected_correct`), ties between equally likely answers go to the larger mixture
+      probability, and gradient attacks on the output follow the mixture.
     """
     comb = Combiner.parse(combiner)
     if member_logits.dim() != 3:
         raise PhalanxError(f"member logits must have shape (M, B, K), got {tuple(member_logits.shape)}")
     if comb.voting:
         scores = vote_scores(member_logits, comb)
-        hard = scores / scores.sum(-1, keepdim=True)
-        return torch.log(_straight_through(hard, soft_vote(member_logits)).clamp_min(LOG_CLAMP))
+        return torch.log((scores / scores.sum(-1, keepdim=True)).clamp_min(LOG_CLAMP))
     if comb.randomized:
         m = member_logits.shape[0]
         w = weights if weights is not None else torch.full((m,), 1.0 / m, device=member_logits.device)
         w = w.to(member_logits.device, member_logits.dtype)
         mixture = (w[:, None, None] * torch.softmax(member_logits, dim=-1)).sum(0)
-        return torch.log(_straight_through(draw_probabilities(member_logits, w), mixture).clamp_min(LOG_CLAMP))
+        d = draw_probabilities(member_logits, w)
+        return torch.log(((d + MIXTURE_WEIGHT * mixture) / (1 + MIXTURE_WEIGHT)).clamp_min(LOG_CLAMP))
     if comb is Combiner.MEAN_LOGITS:
         return torch.log_softmax(member_logits.mean(0), dim=-1)
     if comb is Combiner.MEAN_PROB:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from itertools import pairwise
 from typing import Any
 
 import torch
@@ -35,7 +36,10 @@ class SanityCheck:
 #: what a failed check suggests
 ADVICE = {"convergence": "the attack has not converged; use more steps or restarts",
           "single-step >= multi-step": "possible gradient masking",
-          "black-box >= white-box": "possible gradient masking (or a surrogate equal to the target)"}
+          "black-box >= white-box": "possible gradient masking (or a surrogate equal to the target)",
+          "monotone in eps": "accuracy rose with eps: the attack is not converging or gradients are masked",
+          "far below": "the weaker attack overestimates robustness (gradient masking of the combined output); "
+                       "report the stronger one"}
 
 
 def _warn(check: SanityCheck) -> SanityCheck:
@@ -67,6 +71,23 @@ def check_blackbox_vs_whitebox(acc_black: float, acc_white: float, eps: float) -
                              f"eps {eps:g}: black-box {100 * acc_black:.1f}%, white-box {100 * acc_white:.1f}%"))
 
 
+def check_monotone(name: str, curve: list[tuple[float, float]]) -> SanityCheck:
+    """Accuracy must not rise with eps (by more than 1 point) along ``curve`` [(eps, acc)]."""
+    pts = sorted(curve)
+    rises = [(a, b) for a, b in pairwise(pts) if b[1] > a[1] + TOLERANCE]
+    detail = "; ".join(f"eps {a[0]:g} {100 * a[1]:.1f}% -> eps {b[0]:g} {100 * b[1]:.1f}%" for a, b in rises)
+    return _warn(SanityCheck("monotone in eps", not rises, f"{name}: " + (detail or "non-increasing")))
+
+
+def check_far_below(strong: str, acc_strong: float, weak: str, acc_weak: float, eps: float,
+                    gap: float = 0.05) -> SanityCheck:
+    """``strong`` must not be more than ``gap`` below ``weak`` (e.g. MORA or transfer far below PGD
+    on the averaged output: that PGD's number is not a robustness claim)."""
+    ok = acc_weak - acc_strong <= gap
+    return _warn(SanityCheck("far below", ok, f"eps {eps:g}: {strong} {100 * acc_strong:.1f}% vs {weak} "
+                                              f"{100 * acc_weak:.1f}% (allowed gap {100 * gap:.0f} points)"))
+
+
 def gradient_sanity_checks(model: nn.Module, split: Split, eps: float, attack: GradientAttack, *,
                            factor: int = 4, batch_size: int = 500, generator: torch.Generator | None = None,
                            norm: Norm = Norm.LINF) -> list[SanityCheck]:
@@ -88,5 +109,6 @@ def gradient_sanity_checks(model: nn.Module, split: Split, eps: float, attack: G
             check_single_vs_multi(acc["single"], min(acc["few"], acc["many"]), eps)]
 
 
-__all__ = ["TOLERANCE", "SanityCheck", "check_blackbox_vs_whitebox", "check_convergence", "check_single_vs_multi",
+__all__ = ["TOLERANCE", "SanityCheck", "check_blackbox_vs_whitebox", "check_convergence", "check_far_below",
+           "check_monotone", "check_single_vs_multi",
            "gradient_sanity_checks"]

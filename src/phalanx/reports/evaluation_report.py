@@ -104,6 +104,36 @@ def examples_section(ex: Mapping[str, Any], run_dir: Path, prefix: str = "") -> 
             f"![decision regions]({prefix}decision_regions.png)", ""]
 
 
+def card_section(card: Mapping[str, Any], run_dir: Path, prefix: str = "") -> list[str]:
+    """The robustness card: curves per attack and the worst case, who found the breaks, the
+    gradient-masking flags, one plot per attack family."""
+    curves = dict(card["curves"])
+    kind = "expected accuracy over the draw" if card["randomized"] else "accuracy"
+    budget = "reduced budgets (quick)" if card.get("quick") else "published defaults"
+    lines = ["## Robustness card", "",
+             f"Combiner `{card['combiner']}`, {card['n']} examples, {kind}; attacks at their {budget}. "
+             "Worst case: per example, the lowest over every attack below.", "",
+             curves_table({**curves, "worst case": card["worst_case"]}), ""]
+    src = card.get("transfer", {}).get("source")
+    if src:
+        lines += [f"Transfer attacks: AutoAttack/MORA examples made against an independent {src}.", ""]
+    last = card["found_by"][-1] if card["found_by"] else None
+    if last is not None and last["breaks"]:
+        lines += [f"### Who found the breaks (eps {last['eps']:g}, {last['breaks']} examples)", "",
+                  table(["attack", "found first", "found only by it"],
+                        [[n, last["found_first_by"][n], last["only_by"][n]] for n in last["found_first_by"]]), ""]
+    failed = [f for f in card["flags"] if not f["passed"]]
+    lines += ["### Gradient-masking flags", ""]
+    lines += [f"- **{f['name']}**: {f['detail']} — {f['advice']}" for f in failed] or ["- none raised"]
+    lines += [f"- {len(card['flags']) - len(failed)} other checks passed", ""]
+    for fam, names in card["families"].items():
+        name = f"{prefix}card_{fam.lower().replace(' ', '_')}.png"
+        plot_accuracy_curves({**{n: curves[n] for n in names}, "worst case": card["worst_case"]}, run_dir / name,
+                             title=f"Robustness card: {fam}")
+        lines += [f"![{fam}]({name})"]
+    return [*lines, ""]
+
+
 def evaluation_sections(results: Mapping[str, Any], run_dir: str | Path, prefix: str = "") -> list[str]:
     """Report lines (and plots in ``run_dir``) for a :func:`phalanx.evaluation.run_evaluation` result."""
     run_dir = Path(run_dir)
@@ -119,6 +149,8 @@ def evaluation_sections(results: Mapping[str, Any], run_dir: str | Path, prefix:
         lines += diversity_section(results["diversity"], run_dir, prefix)
     if "blackbox" in results:
         lines += blackbox_section(results["blackbox"], run_dir, prefix)
+    if "card" in results:
+        lines += card_section(results["card"], run_dir, prefix)
     lines += examples_section(results.get("examples", {}), run_dir, prefix)
     return lines
 
@@ -129,4 +161,4 @@ def write_evaluation_report(run_dir: str | Path, results: Mapping[str, Any], *, 
     return path
 
 
-__all__ = ["evaluation_sections", "write_evaluation_report"]
+__all__ = ["card_section", "evaluation_sections", "write_evaluation_report"]

@@ -18,6 +18,7 @@ from phalanx.data import DatasetSplits, Split
 from phalanx.ensembles import Ensemble
 from phalanx.ensembles.build import ModelConfig, build_ensemble
 from phalanx.errors import PhalanxError
+from phalanx.evaluation.card import robustness_card
 from phalanx.evaluation.clean import evaluate_clean, model_device
 from phalanx.evaluation.decision import decision_regions
 from phalanx.evaluation.sanity import check_blackbox_vs_whitebox
@@ -45,11 +46,34 @@ def train_surrogates(data: DatasetSplits, sizes: Sequence[int] = (3, 5, 8), *, m
         if isinstance(size, bool) or not isinstance(size, int) or size < 1:
             raise PhalanxError(f"surrogate sizes must be integers >= 1, got {size!r}")
         ens = build_ensemble(ModelConfig(name=model, members=size), data, seed=seed + size)
-        fit(ens, create_method("baseline"), data,
-            TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, seed=seed + size, device=device),
-            progress=progress)
-        out[f"baseline-{size}"] = ens.eval()
+        out[f"baseline-{size}"] = _fit_baseline(ens, data, epochs=epochs, lr=lr, batch_size=batch_size,
+                                                seed=seed + size, device=device, progress=progress)
     return out
+
+
+def _fit_baseline(ens: Ensemble, data: DatasetSplits, *, epochs: int, lr: float = 0.05, batch_size: int = 64,
+                  seed: int = 1000, device: str = "cpu", progress: bool = False) -> Ensemble:
+    fit(ens, create_method("baseline"), data,
+        TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, seed=seed, device=device), progress=progress)
+    return ens.eval()
+
+
+def standard_ensemble(ensemble: Ensemble, data: DatasetSplits, *, epochs: int = 10, seed: int = 1000,
+                      device: str = "cpu", progress: bool = False) -> Ensemble:
+    """A plain (baseline-trained, mean-prob) ensemble of the same member architectures as
+    ``ensemble``, freshly initialised with ``seed`` and trained on ``data``: the independent
+    source of the card's transfer attacks."""
+    from phalanx.models import build_model
+
+    torch.manual_seed(seed)
+    members = []
+    for i, m in enumerate(ensemble.members):
+        cfg = getattr(m, "config", None)
+        if not isinstance(cfg, dict):
+            raise PhalanxError(f"member {i} has no model config; give a standard ensemble with --surrogates CKPT")
+        members.append(build_model(cfg))
+    return _fit_baseline(Ensemble(members, "mean-prob"), data, epochs=epochs, seed=seed, device=device,
+                         progress=progress)
 
 
 
@@ -58,6 +82,7 @@ class Protocol(str, enum.Enum):
     BLACKBOX = "blackbox"
     TRANSFERABILITY = "transferability"
     DIVERSITY = "diversity"
+    CARD = "card"
 
     @classmethod
     def parse(cls, value: str | Protocol) -> Protocol:
@@ -91,6 +116,8 @@ class EvaluationSpec:
     transfer_restarts: int = 3
     # diversity
     diversity_eps: float = 0.07
+    # card: reduced attack budgets (evaluation/card.py QUICK) instead of the published ones
+    quick: bool = False
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "protocol", Protocol.parse(self.protocol))
@@ -147,11 +174,33 @@ def run_evaluation(spec: EvaluationSpec, ensemble: Ensemble, data: DatasetSplits
     elif p is Protocol.DIVERSITY:
         out["diversity"] = diversity_matrix(ensemble, split, eps=spec.diversity_eps, limit=None, generator=gen,
                                             progress=progress)
+    elif p is Protocol.CARD:
+        source, source_name = _card_source(spec, ensemble, data, run_dir, progress)
+        out["card"] = robustness_card(ensemble, split, spec.eps, source=source, source_name=source_name,
+                                      quick=spec.quick, sanity=spec.sanity, batch_size=spec.batch_size,
+                                      generator=gen, progress=progress)
     surrogate: Any = None
     if p is Protocol.BLACKBOX:
         out["blackbox"], surrogate = _blackbox(spec, ensemble, data, split, attacks, run_dir, gen, progress)
     out["examples"] = example_images(ensemble, split, first_name, first, max(spec.eps), gen, surrogate=surrogate)
     return out
+
+
+def _card_source(spec: EvaluationSpec, ensemble: Ensemble, data: DatasetSplits, run_dir: str | Path | None,
+                 progress: bool) -> tuple[Ensemble, str]:
+    """The card's transfer source: the first ``--surrogates`` checkpoint, else a standard
+    ensemble of the same architecture trained here (saved in the run folder)."""
+    device = model_device(ensemble)
+    if spec.surrogates:
+        return load_ensemble(spec.surrogates[0], map_location=device).eval(), Path(spec.surrogates[0]).stem
+    src = standard_ensemble(ensemble, data, epochs=spec.surrogate_epochs, seed=1000 + spec.seed,
+                            device=str(device), progress=progress)
+    if run_dir is not None:
+        from phalanx.ensembles import save_ensemble
+
+        save_ensemble(src, Path(run_dir) / "standard_ensemble.pt", dataset=data.name)
+    arch = getattr(ensemble.members[0], "config", {}).get("name", "?")
+    return src, f"standard ensemble ({len(src)} x {arch}, {spec.surrogate_epochs} epochs, seed {1000 + spec.seed})"
 
 
 def _blackbox(spec: EvaluationSpec, ensemble: Ensemble, data: DatasetSplits, split: Split,
@@ -237,4 +286,4 @@ def example_images(ensemble: Ensemble, split: Split, name: str, attack: Attack, 
             "clean_pred": cp.cpu(), "adv_pred": ap.cpu(), "decision_regions": regions}
 
 
-__all__ = ["EvaluationSpec", "Protocol", "run_evaluation"]
+__all__ = ["EvaluationSpec", "Protocol", "run_evaluation", "standard_ensemble", "train_surrogates"]
