@@ -68,3 +68,14 @@ def run_cli(argv: list[str], capsys) -> tuple[int, str, str]:  # type: ignore[no
         raise SystemExit(0)
     out = capsys.readouterr()
     return int(exc.value.code or 0), out.out, out.err
+
+
+class ScaledLogits(torch.nn.Module):
+    """A member whose logits are multiplied by ``factor`` (one member dominating an average)."""
+
+    def __init__(self, member: torch.nn.Module, factor: float) -> None:
+        super().__init__()
+        self.member, self.factor = member, factor
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.member(x) * self.factor  # type: ignore[no-any-return]

@@ -6,22 +6,12 @@ import pytest
 import torch
 from torch import nn
 
+from conftest import ScaledLogits as Scaled
 from phalanx.attacks import create_attack
 from phalanx.attacks.mora import member_weights, mora_logits, step_schedule
 from phalanx.ensembles import Ensemble, expected_correct
 from phalanx.errors import PhalanxError
 from phalanx.types import ThreatModel
-
-
-class Scaled(nn.Module):
-    """A member whose logits are multiplied by ``factor``."""
-
-    def __init__(self, member: nn.Module, factor: float) -> None:
-        super().__init__()
-        self.member, self.factor = member, factor
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.member(x) * self.factor
 
 
 def _gen(seed: int = 0) -> torch.Generator:

@@ -3,20 +3,11 @@
 from __future__ import annotations
 
 import torch
-from torch import nn
 
+from conftest import ScaledLogits as Scaled
 from conftest import run_cli
 from phalanx.ensembles import Ensemble, save_ensemble
 from phalanx.evaluation.card import card_attacks, robustness_card
-
-
-class Scaled(nn.Module):
-    def __init__(self, member: nn.Module, factor: float) -> None:
-        super().__init__()
-        self.member, self.factor = member, factor
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.member(x) * self.factor
 
 
 def test_card_worst_case_and_break_attribution(mlp_ensemble, tiny_mlp_pair, digits):
@@ -60,7 +51,7 @@ def test_cli_card_writes_the_report(tmp_path, mlp_ensemble, tiny_mlp_pair, capsy
     ckpt, src = tmp_path / "ens.pt", tmp_path / "std.pt"
     save_ensemble(mlp_ensemble, ckpt, dataset="digits")
     save_ensemble(tiny_mlp_pair, src, dataset="digits")
-    code, out, err = run_cli(["evaluate", str(ckpt), "--protocol", "card", "--quick", "--limit", "20", "--eps",
+    code, _out, err = run_cli(["evaluate", str(ckpt), "--protocol", "card", "--quick", "--limit", "20", "--eps",
                               "0,0.2", "--surrogates", str(src), "--no-sanity", "--out", str(tmp_path / "run")],
                              capsys)
     assert code == 0, err
