@@ -58,3 +58,14 @@ def test_cli_card_writes_the_report(tmp_path, mlp_ensemble, tiny_mlp_pair, capsy
     report = (tmp_path / "run" / "report.md").read_text()
     assert "## Robustness card" in report and "Gradient-masking flags" in report
     assert (tmp_path / "run" / "card_mora.png").is_file() and (tmp_path / "run" / "card_transfer.png").is_file()
+
+
+def test_demo_card_stage_shows_baseline_and_dverge(tmp_path):
+    from phalanx.demo import run_demo, stage_card, stage_diversity_training, stage_train_baseline
+
+    ctx = run_demo(tmp_path, progress=False, overrides={"train": {"epochs": 2}, "eval": {"limit": 40, "steps": 2}},
+                   stages=[stage_train_baseline, stage_diversity_training, stage_card])
+    assert set(ctx.results["card"]) == {"baseline", "dverge"}
+    report = (tmp_path / "report.md").read_text()
+    assert "### Robustness card: baseline" in report and "### Robustness card: dverge" in report
+    assert (tmp_path / "dverge_card_mora.png").is_file()

@@ -260,9 +260,9 @@ def pgd(steps: int = 50, step_size: float = 0.2, restarts: int = 1, loss: str = 
 
 @ATTACKS.register("eot-pgd", "EOT-PGD: PGD on the loss expected over a randomized ensemble's draw (exact or sampled)")
 def eot_pgd(steps: int = 50, step_size: float = 0.2, restarts: int = 1, loss: str = "ce", samples: int | None = None,
-            **kw: object) -> GradientAttack:
+            random_start: bool = True, **kw: object) -> GradientAttack:
     # samples None: exact expectation sum_m w_m L(z_m); samples = 1: single-sample PGD
-    return GradientAttack(name="eot-pgd", steps=steps, step_size=step_size, random_start=True, restarts=restarts,
+    return GradientAttack(name="eot-pgd", steps=steps, step_size=step_size, random_start=random_start, restarts=restarts,
                           loss=loss, eot=True, eot_samples=samples, **kw)  # type: ignore[arg-type]
 
 

@@ -89,31 +89,35 @@ def _to_ball(d: Tensor, x: Tensor, threat: ThreatModel) -> Tensor:
 
 def closest_boundary(member: nn.Module, point: Tensor, norm: Norm, top_k: int | None = None) -> tuple[Tensor, Tensor, Tensor]:
     """For each example: ``zeta`` the dual-norm distance to the closest linearised decision
-    boundary of ``member`` at ``point`` (between its predicted class and any other, or the
-    ``top_k - 1`` runner-ups), the unit direction ``g`` to it (``-sign(w)`` for L-inf,
-    ``-w / ||w||_2`` for L2) and ``g2 = -w / ||w||_*`` (used for beta)."""
+    boundary of ``member`` at ``point`` (between its predicted class and any other class, or the
+    ``top_k - 1`` runner-ups; ties go to the smaller class index, as the reference's loop), the
+    unit direction ``g`` to it (``-sign(w)`` for L-inf, ``-w / ||w||_2`` for L2) and
+    ``g2 = -w / ||w||_*`` (used for beta). One backward pass per class (the reference: K + 1)."""
     a = point.detach().requires_grad_(True)
     out = member(a)
-    k = out.shape[-1]
-    cand = out.detach().topk(top_k or k, dim=-1).indices
-    pred = cand[:, 0]
-    u = torch.arange(out.shape[0], device=out.device)
-    g_pred, = torch.autograd.grad(out[u, pred].sum(), a, retain_graph=True)
-    zeta = torch.full((out.shape[0],), float("inf"), device=out.device, dtype=out.dtype)
-    g = torch.zeros_like(point)
-    g2 = torch.zeros_like(point)
-    for c in range(1, cand.shape[1]):
-        j = cand[:, c]
-        g_j, = torch.autograd.grad(out[u, j].sum(), a, retain_graph=c < cand.shape[1] - 1)
-        with torch.no_grad():
-            w = g_pred - g_j
-            dn = _dual(w, norm)
-            zj = (out[u, pred] - out[u, j]).abs().detach() / (dn + 1e-10)
-            upd = zeta > zj
-            zeta = torch.where(upd, zj, zeta)
-            unit = -w.sign() if norm is Norm.LINF else -w / _bv(dn + 1e-10, w)
-            g = torch.where(_bv(upd, g), unit, g)
-            g2 = torch.where(_bv(upd, g), -w / _bv(dn + 1e-10, w), g2)
+    b, k = out.shape
+    jac = torch.stack([torch.autograd.grad(out[:, j].sum(), a, retain_graph=j < k - 1)[0].flatten(1)
+                       for j in range(k)])  # (K, B, D)
+    out = out.detach()
+    u = torch.arange(b, device=out.device)
+    pred = out.argmax(-1)
+    w = jac[pred, u][None] - jac  # (K, B, D): gradient of z_pred - z_j
+    dn = w.abs().sum(-1) if norm is Norm.LINF else w.norm(dim=-1)
+    zeta_all = (out[u, pred][None] - out.T).abs() / (dn + 1e-10)  # (K, B)
+    allowed = torch.ones_like(zeta_all, dtype=torch.bool)
+    if top_k is not None:
+        allowed = torch.zeros_like(allowed)
+        allowed.scatter_(0, out.topk(min(top_k, k), dim=-1).indices.T, True)
+    allowed[pred, u] = False
+    zeta_all = torch.where(allowed, zeta_all, torch.full_like(zeta_all, float("inf")))
+    zeta, j = zeta_all.min(0)
+    wj = w[j, u]  # (B, D)
+    dj = dn[j, u][:, None]
+    g2 = (-wj / (dj + 1e-10)).view_as(point)
+    g = (-wj.sign()).view_as(point) if norm is Norm.LINF else g2
+    none = torch.isinf(zeta)  # a single class: no boundary
+    g = torch.where(_bv(none, g), torch.zeros_like(g), g)
+    g2 = torch.where(_bv(none, g2), torch.zeros_like(g2), g2)
     return zeta, g, g2
 
 
@@ -130,7 +134,9 @@ def arc(model: nn.Module, x: Tensor, y: Tensor, threat: ThreatModel, *, steps: i
     ens: Any = model
     members = list(ens.members)
     w = ens.weights.cpu()
-    order = sorted(range(len(members)), key=lambda i: -float(w[i]))  # stable: ties keep member order
+    # decreasing probability; equal probabilities in reverse member order, as the reference's
+    # np.flip(np.argsort(alpha))
+    order = sorted(range(len(members)), key=lambda i: float(w[i]))[::-1]
     eps = threat.eps
     beta_m = step_size * eps
     rho = 0.05 * eps

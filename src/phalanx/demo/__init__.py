@@ -13,6 +13,7 @@ from typing import Any
 from phalanx.config import EvalConfig, build_config
 from phalanx.demo.attacks import stage_attacks
 from phalanx.demo.baseline import stage_train_baseline
+from phalanx.demo.card import stage_card
 from phalanx.demo.context import DemoContext, Stage
 from phalanx.demo.diversity import stage_diversity_training
 from phalanx.demo.selection import stage_verified_selection
@@ -29,7 +30,8 @@ DEMO_CONFIG: dict[str, Any] = {
 }
 
 
-STAGES: list[Stage] = [stage_train_baseline, stage_attacks, stage_diversity_training, stage_verified_selection]
+STAGES: list[Stage] = [stage_train_baseline, stage_attacks, stage_diversity_training, stage_card,
+                       stage_verified_selection]
 
 
 def run_demo(out_dir: str | Path, *, progress: bool = True, overrides: dict[str, Any] | None = None,
@@ -63,5 +65,6 @@ def run_demo(out_dir: str | Path, *, progress: bool = True, overrides: dict[str,
 __all__ = ["DEMO_CONFIG", "STAGES", "DemoContext", "EvalConfig", "Stage", "run_demo"]
 
 
-__all__ = ["DEMO_CONFIG", "STAGES", "DemoContext", "Stage", "run_demo", "stage_attacks", "stage_diversity_training",
+__all__ = ["DEMO_CONFIG", "STAGES", "DemoContext", "Stage", "run_demo", "stage_attacks", "stage_card",
+           "stage_diversity_training",
            "stage_train_baseline", "stage_verified_selection"]
