@@ -20,7 +20,6 @@ removed in NumPy 2; ``Tensor.cuda`` made the identity while the reference runs o
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import time
@@ -38,7 +37,7 @@ from phalanx.ensembles import Ensemble, expected_correct
 from phalanx.types import Norm, ThreatModel
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from mora_crosscheck import ROOT, train_ensemble
+from mora_crosscheck import loadavg, train_ensemble, write_out
 
 
 @contextmanager
@@ -96,7 +95,7 @@ def main() -> None:
     ap.add_argument("--out-name", default="arc_crosscheck.json")
     args = ap.parse_args()
     torch.set_num_threads(1)
-    load0 = Path("/proc/loadavg").read_text().split()[:3] if Path("/proc/loadavg").exists() else []
+    load0 = loadavg()
     ens, data = train_ensemble(args.dataset, args.epochs, 0)
     members = list(ens.members)[:2]
     for m in members:
@@ -141,12 +140,10 @@ def main() -> None:
                          "reference_ex_per_s": len(y) / statistics.median(rf["time_s"]),
                          "speed_ratio": statistics.median(rf["time_s"]) / statistics.median(ph["time_s"])}
         rows.append(row)
-    load1 = Path("/proc/loadavg").read_text().split()[:3] if Path("/proc/loadavg").exists() else []
-    out = {"benchmark": "arc_crosscheck", "dataset": args.dataset, "eps": args.eps, "iters": args.iters,
-           "repeats": args.repeats, "loadavg_start": load0, "loadavg_end": load1, "threads": 1, "rows": rows}
-    path = ROOT / "benchmarks" / "out" / args.out_name
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(out, indent=2) + "\n")
+    load1 = loadavg()
+    path = write_out(args.out_name, {"benchmark": "arc_crosscheck", "dataset": args.dataset, "eps": args.eps,
+                                     "iters": args.iters, "repeats": args.repeats, "loadavg_start": load0,
+                                     "loadavg_end": load1, "threads": 1, "rows": rows})
     print(f"\n{'alpha':>5s} {'attack':8s} {'phalanx':>8s} {'reference':>9s} {'diff':>6s} {'ph ex/s':>8s} {'ref ex/s':>8s}")
     for r in rows:
         for kind in ("arc", "eot-pgd"):

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -29,7 +29,9 @@ from phalanx.evaluation.card import robustness_card
 from phalanx.training import TrainConfig, create_method, fit
 from phalanx.workflows.evaluation import standard_ensemble
 
-ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from mora_crosscheck import loadavg, write_out
+
 COLUMNS = ("pgd", "autoattack", "mora", "transfer-autoattack", "transfer-mora")
 
 
@@ -44,7 +46,7 @@ def main() -> None:
     ap.add_argument("--out-name", default="ensemble_attacks_table.json")
     args = ap.parse_args()
     torch.set_num_threads(1)
-    load0 = Path("/proc/loadavg").read_text().split()[:3]
+    load0 = loadavg()
     data = load_dataset("digits", seed=0)
 
     def members(seed: int, activation: str | None = None) -> Ensemble:
@@ -88,11 +90,8 @@ def main() -> None:
         print(f"| {name} | " + " | ".join(f"{100 * r[k]:.1f}" for k in ("clean", *COLUMNS, "worst"))
               + f" | {len(r['flags'])} | ({r['card_s']} s)", flush=True)
     out = {"benchmark": "ensemble_attacks_table", "args": vars(args), "loadavg_start": load0,
-           "loadavg_end": Path("/proc/loadavg").read_text().split()[:3], "rows": rows,
-           "wall_s": round(time.perf_counter() - t0, 1)}
-    path = ROOT / "benchmarks" / "out" / args.out_name
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(out, indent=1) + "\n")
+           "loadavg_end": loadavg(), "rows": rows, "wall_s": round(time.perf_counter() - t0, 1)}
+    path = write_out(args.out_name, out)
     print("| method | clean | PGD | AutoAttack | MORA | transfer AA | transfer MORA | worst case | flags |")
     for name, r in rows.items():
         print(f"| {name} | " + " | ".join(f"{100 * r[k]:.1f}" for k in ("clean", *COLUMNS, "worst"))

@@ -47,6 +47,19 @@ COMBINER = {"softmax": "mean-prob", "voting": "vote-prob", "logits": "mean-logit
 FLOAT_DIS = {"softmax": 0.2, "voting": 0.8, "logits": 0.0}  # scripts/evaluation.sh
 
 
+def loadavg() -> list[str]:
+    """The 1/5/15-minute load averages (the foreign load stated next to the figures)."""
+    f = Path("/proc/loadavg")
+    return f.read_text().split()[:3] if f.exists() else []
+
+
+def write_out(name: str, payload: dict[str, Any]) -> Path:
+    path = ROOT / "benchmarks" / "out" / name
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(payload, indent=2) + "\n")
+    return path
+
+
 def train_ensemble(dataset: str, epochs: int, seed: int) -> tuple[Ensemble, Any]:
     if dataset == "mnist":
         data, arch = load_dataset("mnist", data_dir=MNIST_DIR, seed=seed, limit=12000), "lenet5"
@@ -92,7 +105,7 @@ def main() -> None:
     ap.add_argument("--out-name", default="mora_crosscheck.json")
     args = ap.parse_args()
     torch.set_num_threads(1)
-    load0 = Path("/proc/loadavg").read_text().split()[:3] if Path("/proc/loadavg").exists() else []
+    load0 = loadavg()
     ens, data = train_ensemble(args.dataset, args.epochs, 0)
     x, y = data.test.x[: args.n], data.test.y[: args.n]
     threat = ThreatModel(Norm.LINF, args.eps)
@@ -137,12 +150,10 @@ def main() -> None:
         row["diff_points_phalanx_judge"] = 100 * (row["phalanx_acc_phalanx"] - row["reference_acc_phalanx"])
         row["diff_points_ref_judge"] = 100 * (row["phalanx_acc_ref"] - row["reference_acc_ref"])
         rows.append(row)
-    load1 = Path("/proc/loadavg").read_text().split()[:3] if Path("/proc/loadavg").exists() else []
-    out = {"benchmark": "mora_crosscheck", "dataset": args.dataset, "eps": args.eps, "n_iter": args.n_iter,
-           "repeats": args.repeats, "loadavg_start": load0, "loadavg_end": load1, "threads": 1, "rows": rows}
-    path = ROOT / "benchmarks" / "out" / args.out_name
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(out, indent=2) + "\n")
+    load1 = loadavg()
+    path = write_out(args.out_name, {"benchmark": "mora_crosscheck", "dataset": args.dataset, "eps": args.eps,
+                                     "n_iter": args.n_iter, "repeats": args.repeats, "loadavg_start": load0,
+                                     "loadavg_end": load1, "threads": 1, "rows": rows})
     print(f"\n{'mode':8s} {'phalanx':>9s} {'reference':>9s} {'diff':>6s} {'ph ex/s':>8s} {'ref ex/s':>8s} {'ratio':>6s}")
     for r in rows:
         print(f"{r['mode']:8s} {100 * r['phalanx_acc_phalanx']:8.1f}% {100 * r['reference_acc_phalanx']:8.1f}% "
