@@ -221,8 +221,9 @@ class GradientAttack(Attack):
             if self.eot:  # expectation over a randomized ensemble's draw (attacks/randomized.py)
                 from phalanx.attacks.randomized import expected_loss
 
-                val, out = expected_loss(model, inp, y, self.loss, samples=self.eot_samples, generator=generator)
-                return val, is_adversarial(out.detach(), y) if self.early_stop else None
+                val, out = expected_loss(model, inp, y, self.loss, samples=self.eot_samples, generator=generator,
+                                         need_output=self.early_stop)
+                return val, is_adversarial(out.detach(), y) if self.early_stop and out is not None else None
             out = model(inp)
             done = is_adversarial(out.detach(), y, target if self.targeted else None) if self.early_stop else None
             return self._objective(out, y, target), done

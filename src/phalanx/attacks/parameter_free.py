@@ -77,7 +77,9 @@ def apgd(model: nn.Module, x: Tensor, y: Tensor, threat: ThreatModel, *, loss: s
         if eot and target is None:
             from phalanx.attacks.randomized import expected_loss
 
-            li, out = expected_loss(model, a, y, loss, samples=eot_samples, generator=generator)
+            li, out_ = expected_loss(model, a, y, loss, samples=eot_samples, generator=generator)
+            assert out_ is not None
+            out = out_
         else:
             out = model(a)
             li = loss_fn(out)

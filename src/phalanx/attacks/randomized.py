@@ -38,18 +38,19 @@ def check_samples(samples: int | None) -> int | None:
 
 
 def expected_loss(model: nn.Module, x: Tensor, y: Tensor, loss: str = "ce", *, samples: int | None = None,
-                  generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
+                  generator: torch.Generator | None = None, need_output: bool = True) -> tuple[Tensor, Tensor | None]:
     """``(loss (B,), output (B, K))``: for a randomized ensemble the loss of each member's
     log-softmax averaged over the draw (exactly with member probabilities when ``samples`` is
     None, else over ``samples`` independent draws per example); for any other model the loss of
-    its output (there is nothing to average)."""
+    its output (there is nothing to average). ``need_output=False`` skips combining the members
+    (the output is then None for a randomized ensemble)."""
     check_samples(samples)
     if not is_randomized(model):
         out = model(x)
         return attack_loss(out, y, loss), out
     ens: Any = model
     z = ens.member_logits(x)
-    out = ens.combine(z)
+    out = ens.combine(z.detach()) if need_output else None
     m, b = z.shape[0], z.shape[1]
     per = torch.stack([attack_loss(torch.log_softmax(z[i], -1), y, loss) for i in range(m)])  # (M, B)
     w = ens.weights.to(per.device, per.dtype)
