@@ -92,6 +92,7 @@ def main() -> None:
     ap.add_argument("--iters", type=int, default=20)
     ap.add_argument("--epochs", type=int, default=12)
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--attacks", default="arc,eot-pgd")
     ap.add_argument("--out-name", default="arc_crosscheck.json")
     args = ap.parse_args()
     torch.set_num_threads(1)
@@ -117,6 +118,8 @@ def main() -> None:
             "reference-eot-pgd": lambda alpha=alpha: x + ref_pgd(members, alpha, x, y, args.eps, args.eps / 4,
                                                                  args.iters),
         }
+        kinds = args.attacks.split(",")
+        runs = {k: v for k, v in runs.items() if k.split("-", 1)[1] in kinds}
         res: dict[str, dict[str, list[float]]] = {k: {"time_s": [], "acc": []} for k in runs}
         for rep in range(args.repeats):
             order = list(runs) if rep % 2 == 0 else list(reversed(runs))
@@ -132,7 +135,7 @@ def main() -> None:
                 print(f"alpha {a:.2f} {name:18s} rep {rep}: {dt:6.2f} s, expected accuracy {100 * acc:.2f}%", flush=True)
         row: dict[str, Any] = {"alpha": a, "n": len(y), "clean": float(expected_correct(target, x, y).mean()),
                                "raw": res}
-        for kind in ("arc", "eot-pgd"):
+        for kind in kinds:
             ph, rf = res[f"phalanx-{kind}"], res[f"reference-{kind}"]
             row[kind] = {"phalanx_acc": statistics.mean(ph["acc"]), "reference_acc": statistics.mean(rf["acc"]),
                          "diff_points": 100 * (statistics.mean(ph["acc"]) - statistics.mean(rf["acc"])),
@@ -146,7 +149,7 @@ def main() -> None:
                                      "loadavg_end": load1, "threads": 1, "rows": rows})
     print(f"\n{'alpha':>5s} {'attack':8s} {'phalanx':>8s} {'reference':>9s} {'diff':>6s} {'ph ex/s':>8s} {'ref ex/s':>8s}")
     for r in rows:
-        for kind in ("arc", "eot-pgd"):
+        for kind in args.attacks.split(","):
             k = r[kind]
             print(f"{r['alpha']:5.2f} {kind:8s} {100 * k['phalanx_acc']:7.2f}% {100 * k['reference_acc']:8.2f}% "
                   f"{k['diff_points']:+6.2f} {k['phalanx_ex_per_s']:8.1f} {k['reference_ex_per_s']:8.1f}")

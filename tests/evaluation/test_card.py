@@ -69,3 +69,13 @@ def test_demo_card_stage_shows_baseline_and_dverge(tmp_path):
     report = (tmp_path / "report.md").read_text()
     assert "### Robustness card: baseline" in report and "### Robustness card: dverge" in report
     assert (tmp_path / "dverge_card_mora.png").is_file()
+
+
+def test_whitebox_with_mora_attacks_members_with_pgd(mlp_ensemble, digits):
+    from phalanx.attacks import create_attack
+    from phalanx.evaluation import whitebox_evaluation
+
+    wb = whitebox_evaluation(mlp_ensemble, digits.test.subset(20), [0.0, 0.1],
+                             {"mora": create_attack("mora", n_iter=3, n_target_classes=1, scales=(0.5,))},
+                             sanity=False)
+    assert set(wb["member_curves"]) == {"member 0", "member 1", "member 2"}

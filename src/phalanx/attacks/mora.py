@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -147,6 +148,7 @@ class MoraAttack(Attack):
     ``float_dis`` None takes the mode's published value. An example is robust only if it
     survives every pass; a break is judged by the ensemble's own combiner."""
 
+    ensemble_only: ClassVar[bool] = True  # members alone cannot be attacked with it
     name: str = "mora"
     mode: str | None = None
     n_iter: int = 100

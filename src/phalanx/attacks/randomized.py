@@ -15,7 +15,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor, nn
@@ -183,6 +183,7 @@ class ArcAttack(Attack):
     """ARC for randomized ensembles; see :func:`arc`. ``top_k`` None searches all C - 1
     hyperplanes (reference ``g = -1``), else the ``top_k - 1`` runner-ups (ARC-lite)."""
 
+    ensemble_only: ClassVar[bool] = True  # members alone cannot be attacked with it
     name: str = "arc"
     steps: int = 20
     step_size: float = 1.0

@@ -55,7 +55,8 @@ def whitebox_evaluation(model: nn.Module, split: Split, eps_list: Sequence[float
     member_curves: dict[str, list[dict[str, Any]]] = {}
     mods = getattr(model, "members", None)
     if members and mods is not None and len(mods) > 1:
-        atk = member_attack or next(iter(attacks.values()))
+        # the first attack defined on single models (MORA and ARC need an ensemble), else PGD
+        atk = member_attack or next((a for a in attacks.values() if not getattr(a, "ensemble_only", False)), pgd())
         for i, member in enumerate(mods):
             pts = []
             for eps in eps_checked:
