@@ -8,7 +8,7 @@ from torch import nn
 
 from conftest import ScaledLogits as Scaled
 from phalanx.attacks import create_attack
-from phalanx.attacks.mora import member_weights, mora_logits, step_schedule
+from phalanx.attacks.reweighing import member_weights, mora_logits, step_schedule
 from phalanx.ensembles import Ensemble, expected_correct
 from phalanx.errors import PhalanxError
 from phalanx.types import ThreatModel

@@ -34,7 +34,6 @@ from phalanx.attacks.losses import (
     elu_regulator,
     joint_margins,
 )
-from phalanx.attacks.mora import MoraAttack, mora
 from phalanx.attacks.parameter_free import (
     AutoAttack,
     apgd,
@@ -48,6 +47,7 @@ from phalanx.attacks.parameter_free import (
 from phalanx.attacks.projection import project, random_start
 from phalanx.attacks.query import SignHunterAttack, signhunter, square_attack
 from phalanx.attacks.randomized import ArcAttack, arc, expected_loss, is_randomized
+from phalanx.attacks.reweighing import MoraAttack, mora
 from phalanx.attacks.transforms import input_diversity, skip_gradient
 
 __all__ = ["ALL_LOSSES", "ATTACKS", "LOSSES", "ArcAttack", "Attack", "AutoAttack", "MoraAttack", "arc", "eot_pgd",

@@ -192,7 +192,9 @@ def _card_source(spec: EvaluationSpec, ensemble: Ensemble, data: DatasetSplits, 
     ensemble of the same architecture trained here (saved in the run folder)."""
     device = model_device(ensemble)
     if spec.surrogates:
-        return load_ensemble(spec.surrogates[0], map_location=device).eval(), Path(spec.surrogates[0]).stem
+        models, ids = load_surrogates(spec.surrogates[:1], map_location=device)
+        label = next(iter(models))
+        return models[label], f"{label} (sha256 {ids[label]['sha256'][:12]})"  # type: ignore[return-value]
     src = standard_ensemble(ensemble, data, epochs=spec.surrogate_epochs, seed=1000 + spec.seed,
                             device=str(device), progress=progress)
     if run_dir is not None:
