@@ -93,7 +93,7 @@ def attack(checkpoints: tuple[str, ...], config_path: str | None, overrides: tup
            data_dir: str | None, limit: int | None, attack_name: str, eps: str | None, loss: str | None,
            steps: int | None, restarts: int | None, params: tuple[str, ...], member: int | None,
            transfer_sets: bool, transfer_steps: int, seed: int, device: str | None, out: str | None,
-           progress: bool) -> None:
+           overwrite: bool, progress: bool) -> None:
     """Make adversarial examples against a saved ensemble (adversarial.pt, results, image grid),
     or with --transfer-sets, transfer sets from surrogate ensembles for `evaluate --protocol blackbox`."""
     import torch
@@ -106,7 +106,7 @@ def attack(checkpoints: tuple[str, ...], config_path: str | None, overrides: tup
     from phalanx.types import Norm, ThreatModel
 
     cfg, ens, _data, split = _load(checkpoints[0], config_path, overrides, dataset, data_dir, limit, eps, device)
-    run_dir = run_dir_for(out, "attack")
+    run_dir = run_dir_for(out, "attack", overwrite=overwrite)
     write_json(run_dir / "environment.json", environment(seed, cfg.train.device))
     gen = torch.Generator().manual_seed(seed)
     if transfer_sets:
@@ -209,7 +209,7 @@ def evaluate(checkpoint: str, config_path: str | None, overrides: tuple[str, ...
              loss: str | None, steps: int | None, restarts: int | None, params: tuple[str, ...],
              transfer_sets: str | None, surrogates: str | None, train_surrogates: str | None,
              surrogate_epochs: int, transfer_steps: int, no_sanity: bool, seed: int, device: str | None,
-             out: str | None, progress: bool) -> None:
+             out: str | None, overwrite: bool, progress: bool) -> None:
     """Evaluate a saved ensemble with a protocol: white-box curves (several attacks, worst case,
     members), black-box transfer sets, the transferability matrix or DVERGE's diversity."""
     from phalanx.reports.evaluation_report import write_evaluation_report
@@ -229,7 +229,7 @@ def evaluate(checkpoint: str, config_path: str | None, overrides: tuple[str, ...
                           train_surrogates=parse_ints(train_surrogates, "--train-surrogates"),
                           surrogate_epochs=surrogate_epochs, transfer_steps=transfer_steps,
                           diversity_eps=(cfg.eval.eps[-1] if eps is not None else 0.07))
-    run_dir = run_dir_for(out, "evaluate")
+    run_dir = run_dir_for(out, "evaluate", overwrite=overwrite)
     write_json(run_dir / "config.json", cfg.to_dict())
     write_json(run_dir / "environment.json", environment(seed, cfg.train.device))
     results = run_evaluation(spec, ens, data, split, run_dir=run_dir, progress=progress)

@@ -23,8 +23,11 @@ def config_options(f: F) -> F:
 
 
 def out_option(f: F) -> F:
+    """--out DIR and --overwrite (see :func:`phalanx.runs.open_run` for the reuse policy)."""
+    f = click.option("--overwrite", is_flag=True,
+                     help="Reuse an --out folder that holds another run (its results and report are replaced).")(f)
     return click.option("--out", "out", type=click.Path(file_okay=False), default=None,
-                        help="Run folder (default: runs/<timestamp>-<command>).")(f)
+                        help="Run folder (default: runs/<timestamp>-<command>); never silently reused.")(f)
 
 
 def device_option(f: F) -> F:
@@ -45,17 +48,22 @@ def shortcut(tree: dict[str, dict[str, Any]], section: str, key: str, value: Any
 def parse_eps_list(text: str | None) -> list[float] | None:
     if text is None:
         return None
+    from phalanx.types import check_eps
+
     try:
-        return [float(v) for v in text.replace(" ", "").split(",") if v]
+        values = [float(v) for v in text.replace(" ", "").split(",") if v]
     except ValueError:
-        raise PhalanxError(f"--eps expects comma-separated numbers, got {text!r}") from None
+        raise PhalanxError(f"--eps expects comma-separated numbers in [0, 1], got {text!r}") from None
+    if not values:
+        raise PhalanxError(f"--eps expects at least one number in [0, 1], got {text!r}")
+    return [check_eps(v) for v in values]
 
 
-def run_dir_for(out: str | None, command: str) -> Path:
-    from phalanx.runs import new_run_dir
+def run_dir_for(out: str | None, command: str, *, overwrite: bool = False, reuse: str = "new") -> Path:
+    """Own the run folder for this command (lock + reuse policy, :func:`phalanx.runs.open_run`)
+    until the command ends; ``.phalanx/run.json`` then records how it ended."""
+    from phalanx.runs import Reuse, open_run
 
-    if out is not None:
-        p = Path(out)
-        p.mkdir(parents=True, exist_ok=True)
-        return p
-    return new_run_dir("runs", command)
+    run = open_run(out, command, reuse=Reuse.OVERWRITE if overwrite else Reuse(reuse))
+    click.get_current_context().with_resource(run)
+    return run.path

@@ -51,7 +51,7 @@ def randomized_attack_cmd(checkpoints: tuple[str, ...], members: str | None, dat
                           data_dir: str | None, pair: str | None, split: str, points: int, indices: str | None,
                           num_attacks: int | None, eps: float, norm: str, alpha: float, objective: str, backend: str,
                           time_limit: float, margin: float, unbounded: bool, compare: bool, out: str | None,
-                          progress: bool) -> None:
+                          overwrite: bool, progress: bool) -> None:
     """Find an optimal randomized attack (A, P) on the classifiers or prove (eps, alpha)-robustness.
 
     CHECKPOINTS are ensemble checkpoints; all their members form the classifier set C. Writes
@@ -97,7 +97,7 @@ def randomized_attack_cmd(checkpoints: tuple[str, ...], members: str | None, dat
         if points < 1:
             raise PhalanxError(f"--points must be >= 1, got {points}")
         x, y = attack_points(sp, [m.eval() for m in models], points)
-    run_dir = run_dir_for(out, "randomized-attack")
+    run_dir = run_dir_for(out, "randomized-attack", overwrite=overwrite)
     res = randomized_attack(models, x, y, config, progress=progress)
     doc: dict[str, Any] = {
         "result": res.to_json(), "config": {**asdict(config), "norm": res.norm},
