@@ -16,10 +16,13 @@ from phalanx.cli.common import (
     run_dir_for,
     shortcut,
 )
-from phalanx.config import load_config, parse_value
+from phalanx.config import checkpoint_sections, load_config, parse_value
 from phalanx.errors import PhalanxError
 
 PROTOCOLS = ("whitebox", "blackbox", "transferability", "diversity")
+
+mismatch_option = click.option("--allow-dataset-mismatch", is_flag=True,
+                               help="Use the checkpoint on another dataset than the one it was trained on.")
 
 
 def parse_params(items: tuple[str, ...]) -> dict[str, Any]:
@@ -50,16 +53,20 @@ def parse_ints(text: str | None, flag: str) -> tuple[int, ...]:
 
 
 def _load(checkpoint: str, config_path: str | None, overrides: tuple[str, ...], dataset: str | None,
-          data_dir: str | None, limit: int | None, eps: str | None, device: str | None) -> tuple[Any, Any, Any, Any]:
-    from phalanx.ensembles import checkpoint_info
+          data_dir: str | None, limit: int | None, eps: str | None, device: str | None,
+          allow_mismatch: bool = False) -> tuple[Any, Any, Any, Any]:
+    """Config (recording the checkpoint's data, model and method), ensemble, data, test split."""
+    from phalanx.ensembles import check_dataset, checkpoint_info
     from phalanx.workflows.experiment import load_data, load_for_eval
 
     info = checkpoint_info(checkpoint)
-    tree: dict[str, dict[str, Any]] = {"data": {"dataset": info.get("dataset") or "digits"}}
+    tree = checkpoint_sections(info)
+    tree.setdefault("data", {"dataset": "digits"})
     for sec, key, val in [("data", "dataset", dataset), ("data", "data_dir", data_dir), ("eval", "limit", limit),
                           ("eval", "eps", parse_eps_list(eps)), ("train", "device", device)]:
         shortcut(tree, sec, key, val)
     cfg = load_config(config_path, overrides, base=tree)
+    check_dataset(info.get("dataset"), cfg.data.dataset, checkpoint, allow=allow_mismatch)
     ens = load_for_eval(checkpoint, cfg.train.device)
     data = load_data(cfg.data)
     if tuple(data.in_shape) != tuple(ens.in_shape) or data.num_classes != ens.num_classes:
@@ -86,14 +93,15 @@ def _load(checkpoint: str, config_path: str | None, overrides: tuple[str, ...], 
               help="Treat the checkpoints as surrogates and write DVERGE transfer sets for every eps.")
 @click.option("--transfer-steps", type=int, default=100, show_default=True)
 @click.option("--seed", type=int, default=0)
+@mismatch_option
 @device_option
 @out_option
 @progress_option
 def attack(checkpoints: tuple[str, ...], config_path: str | None, overrides: tuple[str, ...], dataset: str | None,
            data_dir: str | None, limit: int | None, attack_name: str, eps: str | None, loss: str | None,
            steps: int | None, restarts: int | None, params: tuple[str, ...], member: int | None,
-           transfer_sets: bool, transfer_steps: int, seed: int, device: str | None, out: str | None,
-           overwrite: bool, progress: bool) -> None:
+           transfer_sets: bool, transfer_steps: int, seed: int, allow_dataset_mismatch: bool, device: str | None,
+           out: str | None, overwrite: bool, progress: bool) -> None:
     """Make adversarial examples against a saved ensemble (adversarial.pt, results, image grid),
     or with --transfer-sets, transfer sets from surrogate ensembles for `evaluate --protocol blackbox`."""
     import torch
@@ -105,7 +113,8 @@ def attack(checkpoints: tuple[str, ...], config_path: str | None, overrides: tup
     from phalanx.runs import environment, write_json, write_results
     from phalanx.types import Norm, ThreatModel
 
-    cfg, ens, _data, split = _load(checkpoints[0], config_path, overrides, dataset, data_dir, limit, eps, device)
+    cfg, ens, _data, split = _load(checkpoints[0], config_path, overrides, dataset, data_dir, limit, eps, device,
+                                   allow_dataset_mismatch)
     run_dir = run_dir_for(out, "attack", overwrite=overwrite)
     write_json(run_dir / "environment.json", environment(seed, cfg.train.device))
     gen = torch.Generator().manual_seed(seed)
@@ -131,7 +140,7 @@ def attack(checkpoints: tuple[str, ...], config_path: str | None, overrides: tup
     eps_vals = parse_eps_list(eps) or [0.1]
     if len(eps_vals) != 1:
         raise PhalanxError(f"--eps takes one value here (a list only with --transfer-sets), got {eps}")
-    atk = configure_attack(attack_name, steps=steps, restarts=restarts, loss=loss, **parse_params(params))
+    atk = configure_attack(attack_name, parse_params(params), steps=steps, restarts=restarts, loss=loss)
     model: Any = ens
     if member is not None:
         if not 0 <= member < len(ens):
@@ -201,6 +210,7 @@ def attack(checkpoints: tuple[str, ...], config_path: str | None, overrides: tup
 @click.option("--transfer-steps", type=int, default=100, show_default=True)
 @click.option("--no-sanity", is_flag=True, help="Skip the gradient-masking sanity checks.")
 @click.option("--seed", type=int, default=0)
+@mismatch_option
 @device_option
 @out_option
 @progress_option
@@ -208,7 +218,8 @@ def evaluate(checkpoint: str, config_path: str | None, overrides: tuple[str, ...
              dataset: str | None, data_dir: str | None, limit: int | None, eps: str | None, attack: str | None,
              loss: str | None, steps: int | None, restarts: int | None, params: tuple[str, ...],
              transfer_sets: str | None, surrogates: str | None, train_surrogates: str | None,
-             surrogate_epochs: int, transfer_steps: int, no_sanity: bool, seed: int, device: str | None,
+             surrogate_epochs: int, transfer_steps: int, no_sanity: bool, seed: int, allow_dataset_mismatch: bool,
+             device: str | None,
              out: str | None, overwrite: bool, progress: bool) -> None:
     """Evaluate a saved ensemble with a protocol: white-box curves (several attacks, worst case,
     members), black-box transfer sets, the transferability matrix or DVERGE's diversity."""
@@ -220,7 +231,8 @@ def evaluate(checkpoint: str, config_path: str | None, overrides: tuple[str, ...
     for key, val in (("attack", attack), ("steps", steps), ("restarts", restarts)):
         if val is not None:
             extra.insert(0, f"eval.{key}={val}" if key != "attack" else f'eval.attack="{val}"')
-    cfg, ens, data, split = _load(checkpoint, config_path, tuple(extra), dataset, data_dir, limit, eps, device)
+    cfg, ens, data, split = _load(checkpoint, config_path, tuple(extra), dataset, data_dir, limit, eps, device,
+                                  allow_dataset_mismatch)
     spec = EvaluationSpec(protocol=protocol, eps=cfg.eval.eps, attacks=parse_names(cfg.eval.attack) or ("pgd",),
                           steps=cfg.eval.steps, restarts=cfg.eval.restarts, loss=loss,
                           attack_params=parse_params(params), batch_size=cfg.eval.batch_size, seed=seed,

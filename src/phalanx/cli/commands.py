@@ -17,7 +17,7 @@ from phalanx.cli.common import (
     run_dir_for,
     shortcut,
 )
-from phalanx.config import load_config
+from phalanx.config import checkpoint_sections, load_config
 from phalanx.errors import PhalanxError
 
 
@@ -66,14 +66,8 @@ def train(config_path: str | None, overrides: tuple[str, ...], dataset: str | No
     if init_path is not None:
         from phalanx.ensembles import checkpoint_info
 
-        info = checkpoint_info(init_path)
         # the checkpoint decides the architecture; record it in the resolved config
-        first = dict(info["members"][0])
-        tree.setdefault("model", {}).update(
-            {"name": first.pop("name"), "members": len(info["members"]), "combiner": info["combiner"]})
-        for k in ("in_shape", "num_classes", "mean", "std"):
-            first.pop(k, None)
-        tree["model"].update(first)
+        tree.setdefault("model", {}).update(checkpoint_sections(checkpoint_info(init_path), method=False)["model"])
         tree["model"]["init"] = str(init_path)
     cfg = load_config(config_path, overrides, base=tree)
     if resume_dir is not None and out is not None and Path(out).resolve() != Path(resume_dir).resolve():

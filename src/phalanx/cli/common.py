@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
@@ -36,7 +37,14 @@ def device_option(f: F) -> F:
 
 
 def progress_option(f: F) -> F:
-    return click.option("--progress/--no-progress", default=True, help="Show progress bars.")(f)
+    """--progress/--no-progress; by default bars are shown only when stderr is a terminal, so
+    logs and pipes do not fill with bar redraws."""
+    return click.option("--progress/--no-progress", default=None, callback=_progress_default,
+                        help="Show progress bars (default: when stderr is a terminal).")(f)
+
+
+def _progress_default(ctx: click.Context, param: click.Parameter, value: bool | None) -> bool:
+    return sys.stderr.isatty() if value is None else value
 
 
 def shortcut(tree: dict[str, dict[str, Any]], section: str, key: str, value: Any) -> None:

@@ -112,8 +112,8 @@ class EvaluationSpec:
         self.build_attacks()  # unknown names or bad settings fail here, before any work
 
     def build_attacks(self) -> dict[str, Attack]:
-        return {name: configure_attack(name, steps=self.steps, restarts=self.restarts, loss=self.loss,
-                                       **self.attack_params) for name in self.attacks}
+        return {name: configure_attack(name, self.attack_params, steps=self.steps, restarts=self.restarts,
+                                       loss=self.loss) for name in self.attacks}
 
 
 def _nonzero(eps: tuple[float, ...]) -> list[float]:
