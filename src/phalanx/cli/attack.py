@@ -10,6 +10,7 @@ import click
 from phalanx.cli.common import (
     config_options,
     device_option,
+    mismatch_option,
     out_option,
     parse_eps_list,
     progress_option,
@@ -20,9 +21,6 @@ from phalanx.config import checkpoint_sections, load_config, parse_value
 from phalanx.errors import PhalanxError
 
 PROTOCOLS = ("whitebox", "blackbox", "transferability", "diversity")
-
-mismatch_option = click.option("--allow-dataset-mismatch", is_flag=True,
-                               help="Use the checkpoint on another dataset than the one it was trained on.")
 
 
 def parse_params(items: tuple[str, ...]) -> dict[str, Any]:

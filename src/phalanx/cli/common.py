@@ -36,6 +36,10 @@ def device_option(f: F) -> F:
                         help="Where to run (default auto: CUDA when available).")(f)
 
 
+mismatch_option = click.option("--allow-dataset-mismatch", is_flag=True,
+                               help="Use checkpoints on another dataset than the one they were trained on.")
+
+
 def progress_option(f: F) -> F:
     """--progress/--no-progress; by default bars are shown only when stderr is a terminal, so
     logs and pipes do not fill with bar redraws."""

@@ -109,6 +109,10 @@ class EvaluationSpec:
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise PhalanxError(f"{key} must be an integer >= 1, got {v!r}")
         check_eps(self.diversity_eps)
+        given = [f for f, v in (("--transfer-sets", self.transfer_sets), ("--surrogates", self.surrogates),
+                                ("--train-surrogates", self.train_surrogates)) if v]
+        if given and self.protocol is not Protocol.BLACKBOX:
+            raise PhalanxError(f"{', '.join(given)} only apply to the blackbox protocol, not {Protocol.parse(self.protocol).value}")
         self.build_attacks()  # unknown names or bad settings fail here, before any work
 
     def build_attacks(self) -> dict[str, Attack]:
