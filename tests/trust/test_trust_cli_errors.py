@@ -5,6 +5,7 @@ parses user text."""
 from __future__ import annotations
 
 import itertools
+import json
 import string
 from pathlib import Path
 from typing import Any
@@ -151,3 +152,70 @@ def test_random_text_is_refused_in_one_line_or_accepted(name: str, option: str, 
         assert err.strip(), "an error must say what was wrong"
         last = err.strip().splitlines()[-1]
         assert last.startswith(("error: ", "Error: ")), err  # ours, or click's usage error
+
+
+# -- also seen: quiet logs, honest reports --------------------------------------------------
+
+
+def test_highs_banner_does_not_reach_stdout() -> None:
+    import subprocess
+    import sys
+
+    from conftest import REPO
+
+    code = "from phalanx.verification.milp import quiet_highs; quiet_highs(); quiet_highs(); print('only this')"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                         env={**__import__("os").environ, "PYTHONPATH": str(REPO / "src")})
+    assert out.returncode == 0, out.stderr
+    assert out.stdout == "only this\n" and "HiGHS" not in out.stderr
+
+
+def test_no_progress_bars_when_stderr_is_not_a_terminal(tmp_path: Path, capsys: Any) -> None:
+    code, _, err = run_cli(["train", "--model", "mlp", "--members", "1", "--epochs", "2", "--limit", "40", "--eps",
+                            "0", "--set", "model.widths=[4]", "--out", str(tmp_path / "r")], capsys)
+    assert code == 0, err
+    assert "\r" not in err and "step/s" not in err and "it/s" not in err
+
+
+def test_unreadable_transfer_sets_do_not_advise_unsafe_loading(ckpt: Path, tmp_path: Path, capsys: Any) -> None:
+    import pickle
+
+    sets = tmp_path / "sets"
+    sets.mkdir()
+    (sets / "sets.pt").write_bytes(pickle.dumps({"x": object()}, protocol=2))
+    code, _, err = run_cli(["evaluate", str(ckpt), "--protocol", "blackbox", "--transfer-sets", str(sets),
+                            "--out", str(tmp_path / "e")], capsys)
+    _one_error_line(code, err, "is not a readable phalanx transfer-set file")
+    assert "weights_only" not in err
+
+
+def test_blackbox_options_need_the_blackbox_protocol(ckpt: Path, tmp_path: Path, capsys: Any) -> None:
+    code, _, err = run_cli(["evaluate", str(ckpt), "--surrogates", "a.pt", "--out", str(tmp_path / "e")], capsys)
+    _one_error_line(code, err, "--surrogates only apply to the blackbox protocol, not whitebox")
+
+
+def test_reports_state_dataset_and_examples(ckpt: Path, tmp_path: Path, capsys: Any) -> None:
+    code, _, err = run_cli(["evaluate", str(ckpt), "--limit", "7", "--eps", "0", "--no-sanity",
+                            "--out", str(tmp_path / "e")], capsys)
+    assert code == 0, err
+    assert "Dataset `digits`, 7 test examples." in (tmp_path / "e" / "report.md").read_text()
+    code, _, err = run_cli(["attack", str(ckpt), "--limit", "5", "--eps", "0.05", "--steps", "1",
+                            "--out", str(tmp_path / "a")], capsys)
+    assert code == 0, err
+    assert "Dataset `digits`, 5 test examples." in (tmp_path / "a" / "report.md").read_text()
+
+
+def test_select_keeps_the_checkpoint_combiner_and_says_what_it_validated(tiny_mlp_pair: Ensemble, tmp_path: Path,
+                                                                        capsys: Any) -> None:
+    from phalanx.ensembles import checkpoint_info
+
+    three = Ensemble([*tiny_mlp_pair.members, tiny_mlp_pair.members[0]], "mean-prob")
+    path = tmp_path / "mp.pt"
+    save_ensemble(three, path, dataset="digits")
+    code, _, err = run_cli(["select", str(path), "-k", "2", "--points", "2", "--eps", "0.01", "--backend", "milp",
+                            "--max-iters", "1", "--validate", "2", "--out", str(tmp_path / "s")], capsys)
+    assert code == 0, err
+    assert checkpoint_info(tmp_path / "s" / "selected.pt")["combiner"] == "mean-prob"
+    report = (tmp_path / "s" / "report.md").read_text()
+    assert "Validation verifies the `mean-logits` combination" in report and "`mean-prob`" in report
+    assert json.loads((tmp_path / "s" / "selection.json").read_text())["validation"]["combiner"] == "mean-logits"

@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from phalanx.attacks import Attack, configure_attack
+from phalanx.attacks import Attack, configure_attack, create_attack
 from phalanx.data import DatasetSplits, Split
 from phalanx.ensembles import Ensemble
 from phalanx.ensembles.build import ModelConfig, build_ensemble
@@ -209,7 +209,10 @@ def _blackbox(spec: EvaluationSpec, ensemble: Ensemble, data: DatasetSplits, spl
         stored = _Split(sets["x"], sets["y"])
         eps_bb = [r["eps"] for r in scored["curve"] if r["eps"] > 0]
         if eps_bb:
-            wb = whitebox_evaluation(ensemble, stored, eps_bb, {n: a for n, a in list(attacks.items())[:1]},
+            # the alarm means "transfer beats white-box", so the white-box side must be strong:
+            # every configured attack and a reference PGD (50 steps of eps/5, 2 restarts; DVERGE eval_wbox)
+            reference = {**attacks, "pgd-50x2 (reference)": create_attack("pgd", steps=50, restarts=2)}
+            wb = whitebox_evaluation(ensemble, stored, eps_bb, reference,
                                      members=False, sanity=False, batch_size=spec.batch_size, generator=gen)
             scored["whitebox_curve"] = wb["worst_case"]
             for b, w in zip(scored["curve"][-len(eps_bb):], wb["worst_case"], strict=True):

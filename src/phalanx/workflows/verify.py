@@ -14,6 +14,7 @@ import numpy as np
 import torch
 
 from phalanx.errors import PhalanxError
+from phalanx.reports import scope_line
 from phalanx.verification.report import (
     plot_counterexamples,
     robust_markdown,
@@ -132,7 +133,7 @@ def verify_pairs(checkpoint: str | Path, run_dir: Path, cfg: VerifyConfig, *, pr
     out = {"config": asdict(cfg), "checkpoint": str(checkpoint), "agreement_points": len(pts),
            "summary": summary, "scores": table.to_json() if table else None, "attack_comparison": comparison}
     write_json(run_dir / "verify_pairs.json", out)
-    lines = [f"# phalanx verify pairs: {checkpoint}", "",
+    lines = [f"# phalanx verify pairs: {checkpoint}", "", scope_line(data.name, len(pts), f"agreement points ({cfg.split} split)"), "",
              f"{len(pts)} agreement points ({cfg.split} split), eps {list(cfg.eps)}, subsets of size "
              f"{cfg.subset_size} of members {list(mem)}, backend {cfg.backend}"
              f"{' (runner-up simplification: SAT only)' if cfg.runner_up else ''}.", "",
@@ -174,8 +175,9 @@ def verify_ensemble(checkpoint: str | Path, run_dir: Path, cfg: VerifyConfig, *,
                                    progress=tqdm_progress("ensemble queries", progress), seed=cfg.seed)
     out = {"config": asdict(cfg), "checkpoint": str(checkpoint), "robustness": val}
     write_json(run_dir / "verify_ensemble.json", out)
-    (run_dir / "report.md").write_text(f"# phalanx verify ensemble: {checkpoint}\n\n{cfg.points} random test "
-                                       f"points, backend {cfg.backend}.\n\n{robust_markdown(val)}\n")
+    (run_dir / "report.md").write_text(f"# phalanx verify ensemble: {checkpoint}\n\n"
+                                       f"{scope_line(data.name, len(idx), 'random test points')} Backend "
+                                       f"{cfg.backend}.\n\n{robust_markdown(val)}\n")
     return out
 
 
@@ -200,7 +202,8 @@ def select(checkpoint: str | Path, run_dir: Path, cfg: VerifyConfig, *, k: int, 
     res = select_members(cands, pts, y.tolist(), scfg, store=store, progress=tqdm_progress("selection", progress))
     out: dict[str, Any] = {"config": asdict(cfg), "k": k, "checkpoint": str(checkpoint), "agreement_points": len(pts),
                            "selection": res.to_json()}
-    lines = [f"# phalanx select: {checkpoint}", "", f"{len(cands)} candidates, k = {k}, {len(pts)} agreement "
+    lines = [f"# phalanx select: {checkpoint}", "", scope_line(data.name, len(pts), "agreement points (val split)"),
+             "", f"{len(cands)} candidates, k = {k}, {len(pts)} agreement "
              f"points, eps {list(cfg.eps)}, backend {cfg.backend}.", "", res.markdown(), "",
              "Initial ensemble:", "", res.initial_table.markdown(), "", "Final ensemble:", "",
              res.final_table.markdown(), ""]
