@@ -78,7 +78,8 @@ def check_fields(obj: Any, section: str) -> None:
     The one type check of settings (called from each config's ``__post_init__``): integers
     reject booleans and floats (``batch_size = true`` is an error, not batch 1), numbers reject
     booleans, strings and NaN/inf, strings reject numbers, ``tuple[X, ...]`` accepts a list of X;
-    ints given for floats become floats and lists become tuples. Errors name
+    ints given for floats become floats and lists become tuples; a field named ``seed`` must be in
+    [0, 2**63), what the torch and numpy generators accept. Errors name
     ``section.field``, the value and the accepted type."""
     hints = typing.get_type_hints(type(obj))
     for f in dataclasses.fields(obj):
@@ -87,6 +88,8 @@ def check_fields(obj: Any, section: str) -> None:
         ok, new = _conform(value, tp)
         if not ok:
             raise PhalanxError(f"{section}.{f.name} must be {_describe(tp)}, got {value!r}")
+        if f.name == "seed" and isinstance(new, int) and not 0 <= new < 2**63:
+            raise PhalanxError(f"{section}.seed must be an integer in [0, 2**63), got {value!r}")
         if new is not value:
             object.__setattr__(obj, f.name, new)
 

@@ -33,6 +33,8 @@ def ckpt(tiny_mlp_pair: Ensemble, tmp_path_factory: Any) -> Path:
     ("train.batch_size=true", "train.batch_size must be an integer, got True"),
     ("train.epochs=2.5", "train.epochs must be an integer, got 2.5"),
     ("train.seed=abc", "train.seed must be an integer, got 'abc'"),
+    ("train.seed=-3", "train.seed must be an integer in [0, 2**63), got -3"),
+    ("data.seed=9223372036854775808", "data.seed must be an integer in [0, 2**63)"),
     ("train.lr=false", "train.lr must be a finite number, got False"),
     ("train.lr=nan", "train.lr must be a finite number, got nan"),
     ("train.gamma=-0.1", "train.gamma (the LR decay factor) must be in (0, 1], got -0.1"),
@@ -180,3 +182,19 @@ def test_retry_undecided_resolves_a_stored_timeout(ckpt: Path, tmp_path: Path, c
     rows = json.loads((out / "verify_ensemble.json").read_text())["robustness"]["rows"]
     assert code == 0 and rows[0]["undecided"] == 0
     assert len(store.read_text().splitlines()) == 2 * len(solved)  # answers appended, none lost
+
+
+def test_store_with_retry_drops_stored_undecided_answers(ckpt: Path, tmp_path: Path) -> None:
+    """The one mechanism behind --retry-undecided (verify pairs/ensemble, select and its validation)."""
+    from phalanx.verification.runner import ResultStore
+
+    line = {"qid": "q1", "spec": {"members": [0, 1], "point": 0, "eps": 0.05, "label": 1, "kind": "mean-logits",
+                                  "quorum": None, "runner_up": False},
+            "result": {"verdict": "timeout", "backend": "milp", "wall_time_s": 1.0, "message": "time limit",
+                       "details": {}, "counterexample": None}}
+    done = {**line, "qid": "q2", "result": {**line["result"], "verdict": "unsat", "message": "proven"}}
+    path = tmp_path / "queries.jsonl"
+    path.write_text(json.dumps(line) + "\n" + json.dumps(done) + "\n")
+    assert ResultStore(path).get("q1") is not None
+    retry = ResultStore(path, retry_undecided=True)
+    assert retry.get("q1") is None and retry.get("q2") is not None

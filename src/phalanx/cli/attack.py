@@ -8,6 +8,7 @@ from typing import Any
 import click
 
 from phalanx.cli.common import (
+    SEED,
     config_options,
     device_option,
     mismatch_option,
@@ -90,7 +91,7 @@ def _load(checkpoint: str, config_path: str | None, overrides: tuple[str, ...], 
 @click.option("--transfer-sets", is_flag=True,
               help="Treat the checkpoints as surrogates and write DVERGE transfer sets for every eps.")
 @click.option("--transfer-steps", type=int, default=100, show_default=True)
-@click.option("--seed", type=int, default=0)
+@click.option("--seed", type=SEED, default=0)
 @mismatch_option
 @device_option
 @out_option
@@ -207,7 +208,7 @@ def attack(checkpoints: tuple[str, ...], config_path: str | None, overrides: tup
 @click.option("--surrogate-epochs", type=int, default=10, show_default=True)
 @click.option("--transfer-steps", type=int, default=100, show_default=True)
 @click.option("--no-sanity", is_flag=True, help="Skip the gradient-masking sanity checks.")
-@click.option("--seed", type=int, default=0)
+@click.option("--seed", type=SEED, default=0)
 @mismatch_option
 @device_option
 @out_option

@@ -9,6 +9,7 @@ from typing import Any
 import click
 
 from phalanx.cli.common import (
+    SEED,
     config_options,
     device_option,
     out_option,
@@ -32,7 +33,7 @@ from phalanx.errors import PhalanxError
 @click.option("--epochs", type=int, default=None)
 @click.option("--batch-size", type=int, default=None)
 @click.option("--lr", type=float, default=None)
-@click.option("--seed", type=int, default=None)
+@click.option("--seed", type=SEED, default=None)
 @click.option("--eps", default=None, help="Comma-separated eps list for the final PGD evaluation.")
 @click.option("--resume", "resume_dir", type=click.Path(file_okay=False), default=None,
               help="Continue a killed run from its last checkpoint.")

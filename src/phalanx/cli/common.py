@@ -14,6 +14,10 @@ from phalanx.errors import PhalanxError
 F = TypeVar("F", bound=Callable[..., Any])
 
 
+#: seeds are integers in [0, 2**63) (what torch and numpy generators accept)
+SEED = click.IntRange(0, 2**63 - 1)
+
+
 def config_options(f: F) -> F:
     """--config FILE and repeatable --set section.key=value."""
     f = click.option("--set", "overrides", multiple=True, metavar="SECTION.KEY=VALUE",

@@ -7,7 +7,7 @@ from typing import Any
 
 import click
 
-from phalanx.cli.common import out_option, parse_eps_list, progress_option, run_dir_for
+from phalanx.cli.common import SEED, out_option, parse_eps_list, progress_option, run_dir_for
 from phalanx.errors import PhalanxError
 
 
@@ -32,7 +32,7 @@ def _common(f: Callable[..., Any]) -> Callable[..., Any]:
         click.option("--workers", type=int, default=1, show_default=True, help="Parallel worker processes."),
         click.option("--members", default=None, help="Comma-separated member indices (default all)."),
         click.option("--data-dir", default=None, help="Folder with dataset files."),
-        click.option("--seed", type=int, default=0, show_default=True),
+        click.option("--seed", type=SEED, default=0, show_default=True),
         click.option("--retry-undecided", is_flag=True,
                      help="When resuming into an existing --out folder, solve stored TIMEOUT/ERROR queries again."),
     ]

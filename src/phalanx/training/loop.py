@@ -196,7 +196,7 @@ def fit(
                     desc=f"train {method.name}")
     try:
         for epoch in range(start_epoch, config.epochs):
-            torch.manual_seed(config.seed * 1_000_003 + epoch)  # any stray global randomness
+            torch.manual_seed((config.seed * 1_000_003 + epoch) % (2**63 - 1))  # any stray global randomness
             gen = epoch_generator(config.seed, epoch)
             ctx = StepContext(epoch, 0, epoch * steps, steps, config.epochs, gen, device)
             ensemble.train()
