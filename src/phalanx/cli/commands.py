@@ -55,9 +55,12 @@ def train(config_path: str | None, overrides: tuple[str, ...], dataset: str | No
         if not saved.is_file():
             raise PhalanxError(f"cannot resume: {saved} does not exist")
         try:
-            tree = json.loads(saved.read_text())
+            loaded: Any = json.loads(saved.read_text())
         except ValueError:
-            raise PhalanxError(f"cannot resume: {saved} is not valid JSON") from None
+            loaded = None
+        if not isinstance(loaded, dict) or not all(isinstance(v, dict) for v in loaded.values()):
+            raise PhalanxError(f"cannot resume: {saved} is not a phalanx run config (damaged?)")
+        tree = loaded
     for sec, key, val in [("data", "dataset", dataset), ("data", "data_dir", data_dir), ("data", "limit", limit),
                           ("model", "name", model), ("model", "members", members), ("method", "name", method),
                           ("train", "epochs", epochs), ("train", "batch_size", batch_size), ("train", "lr", lr),
