@@ -40,8 +40,9 @@ class TrainConfig:
     ``milestones`` are the epochs after which the LR is multiplied by ``gamma`` (schedule
     ``multistep``); ``None`` (the default) means automatic: 50% and 75% of ``epochs`` for runs
     of at least :data:`AUTO_DECAY_MIN_EPOCHS` epochs (DVERGE's 200 epochs: 100 and 150) and no
-    decay for shorter runs, which a decay would cripple (a 3-epoch run would spend two epochs
-    at 1/10 and 1/100 of the LR). ``()`` turns decay off; ``schedule = "constant"`` too.
+    decay for shorter runs, which keep the LR they ask for (a 3-epoch run would otherwise spend
+    two epochs at 1/10 and 1/100 of it; a 2-epoch fine-tune one). ``()`` turns decay off;
+    ``schedule = "constant"`` too.
     :meth:`effective` is the config with the milestones actually used, as runs record it."""
 
     epochs: int = 10
