@@ -12,6 +12,7 @@ from typing import Any
 from phalanx.ensembles.build import ModelConfig
 from phalanx.errors import PhalanxError
 from phalanx.training import TrainConfig
+from phalanx.types import check_eps, check_fields
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -27,6 +28,7 @@ class DataConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
+        check_fields(self, "data")
         if self.limit is not None and self.limit < 1:
             raise PhalanxError(f"data.limit must be >= 1, got {self.limit}")
 
@@ -35,6 +37,9 @@ class DataConfig:
 class MethodConfig:
     name: str = "baseline"
     options: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        check_fields(self, "method")
 
 
 @dataclass(frozen=True)
@@ -47,9 +52,14 @@ class EvalConfig:
     batch_size: int = 500
 
     def __post_init__(self) -> None:
-        from phalanx.types import check_eps
-
+        check_fields(self, "eval")
         object.__setattr__(self, "eps", tuple(check_eps(e) for e in self.eps))
+        if not self.eps:
+            raise PhalanxError("eval.eps must list at least one radius")
+        if self.limit is not None and self.limit < 1:
+            raise PhalanxError(f"eval.limit must be >= 1, got {self.limit}")
+        if self.batch_size < 1:
+            raise PhalanxError(f"eval.batch_size must be >= 1, got {self.batch_size}")
         if self.steps < 1 or self.restarts < 1:
             raise PhalanxError(f"eval.steps and eval.restarts must be >= 1, got {self.steps}, {self.restarts}")
 
@@ -63,14 +73,35 @@ class RunConfig:
     eval: EvalConfig = field(default_factory=EvalConfig)
 
     def to_dict(self) -> dict[str, Any]:
+        """The config as it runs (effective values, e.g. the LR milestones used); loading it
+        with :func:`build_config` gives a config that reproduces the run."""
         out: dict[str, Any] = {}
         for f in dataclasses.fields(self):
-            sec = dataclasses.asdict(getattr(self, f.name))
+            value = getattr(self, f.name)
+            sec = dataclasses.asdict(value.effective() if isinstance(value, TrainConfig) else value)
             opts = sec.pop("options", None)
             if opts:
                 sec.update(opts)
             out[f.name] = sec
         return out
+
+
+def checkpoint_sections(info: dict[str, Any], *, method: bool = True) -> dict[str, dict[str, Any]]:
+    """The ``[data]``, ``[model]`` (and ``[method]``) config sections that describe a saved
+    ensemble (from :func:`phalanx.ensembles.checkpoint_info`): what a run using the checkpoint
+    records instead of the defaults."""
+    first = dict(info["members"][0])
+    model: dict[str, Any] = {"name": first.pop("name"), "members": len(info["members"]), "combiner": info["combiner"]}
+    for k in ("in_shape", "num_classes", "mean", "std"):
+        first.pop(k, None)
+    model.update(first)
+    tree: dict[str, dict[str, Any]] = {"model": model}
+    if info.get("dataset"):
+        tree["data"] = {"dataset": info["dataset"]}
+    described = (info.get("extra") or {}).get("method")
+    if method and isinstance(described, dict) and isinstance(described.get("name"), str):
+        tree["method"] = dict(described)
+    return tree
 
 
 _OPEN_SECTIONS = {"model", "method"}  # unknown keys go to the builder's options
@@ -131,9 +162,6 @@ def build_config(tree: dict[str, Any]) -> RunConfig:
             raise PhalanxError(f"unknown config key {sec}.{bad}; known keys in [{sec}]: {', '.join(sorted(names))}")
         if unknown:
             known["options"] = unknown
-        for k in ("milestones", "eps"):
-            if k in known and isinstance(known[k], list):
-                known[k] = tuple(known[k])
         try:
             kwargs[sec] = cls(**known)
         except TypeError as exc:

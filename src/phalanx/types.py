@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import dataclasses
 import enum
+import math
+import types
+import typing
 from dataclasses import dataclass
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from phalanx.errors import PhalanxError
 
@@ -66,3 +70,73 @@ def check_eps(eps: float, upper: float | None = 1.0) -> float:
     if upper is not None and e > upper:
         raise PhalanxError(f"eps {eps!r} exceeds the input range; accepted: 0 <= eps <= {upper:g}")
     return e
+
+
+def check_fields(obj: Any, section: str) -> None:
+    """Check every field of a config dataclass against its type annotation, in place.
+
+    The one type check of settings (called from each config's ``__post_init__``): integers
+    reject booleans and floats (``batch_size = true`` is an error, not batch 1), numbers reject
+    booleans, strings and NaN/inf, strings reject numbers, ``tuple[X, ...]`` accepts a list of X;
+    ints given for floats become floats and lists become tuples; a field named ``seed`` must be in
+    [0, 2**63), what the torch and numpy generators accept. Errors name
+    ``section.field``, the value and the accepted type."""
+    hints = typing.get_type_hints(type(obj))
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        tp = hints.get(f.name, Any)
+        ok, new = _conform(value, tp)
+        if not ok:
+            raise PhalanxError(f"{section}.{f.name} must be {_describe(tp)}, got {value!r}")
+        if f.name == "seed" and isinstance(new, int) and not 0 <= new < 2**63:
+            raise PhalanxError(f"{section}.seed must be an integer in [0, 2**63), got {value!r}")
+        if new is not value:
+            object.__setattr__(obj, f.name, new)
+
+
+def _conform(value: Any, tp: Any) -> tuple[bool, Any]:
+    origin = typing.get_origin(tp)
+    if origin is typing.Union or origin is types.UnionType:
+        for arg in typing.get_args(tp):
+            ok, new = _conform(value, arg)
+            if ok:
+                return True, new
+        return False, value
+    if tp is type(None):
+        return value is None, value
+    if tp is bool:
+        return isinstance(value, bool), value
+    if tp is int:
+        return isinstance(value, int) and not isinstance(value, bool), value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            return False, value
+        return True, float(value)
+    if tp is str:
+        return isinstance(value, str), value
+    if origin is tuple:
+        args = typing.get_args(tp)
+        if not isinstance(value, (list, tuple)):
+            return False, value
+        items = args[:1] * len(value) if len(args) == 2 and args[1] is Ellipsis else args
+        if len(items) != len(value):
+            return False, value
+        out = [_conform(v, a) for v, a in zip(value, items)]
+        return all(ok for ok, _ in out), tuple(v for _, v in out)
+    if origin is dict or tp is dict:
+        return isinstance(value, dict), value
+    return True, value  # Any and other types: checked by the config itself
+
+
+def _describe(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin is typing.Union or origin is types.UnionType:
+        return " or ".join(_describe(a) for a in typing.get_args(tp))
+    if origin is tuple:
+        args = typing.get_args(tp)
+        if len(args) == 2 and args[1] is Ellipsis:
+            return f"a list of {_describe(args[0]).removeprefix('an ').removeprefix('a ')}s"
+        return f"a list of {len(args)} values"
+    names = {type(None): "unset", bool: "true or false", int: "an integer", float: "a finite number",
+             str: "a quoted string", dict: "a table"}
+    return names.get(tp, getattr(tp, "__name__", str(tp)))

@@ -4,7 +4,7 @@ serves a whole ensemble, a single member or a surrogate."""
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 
 import torch
 from torch import Tensor, nn
@@ -56,15 +56,16 @@ def check_inputs(model: nn.Module, x: Tensor, y: Tensor) -> None:
         raise PhalanxError(f"labels must be in 0..{k - 1}, got values in {int(y.min())}..{int(y.max())}")
 
 
-def configure_attack(name: str, *, steps: int | None = None, restarts: int | None = None, loss: str | None = None,
-                     **params: object) -> Attack:
-    """Build a registered attack, passing the common settings only to attacks that take them
-    (``steps`` to the iterative gradient attacks, ``restarts`` to PGD-like ones, ``loss`` to
-    those with a loss choice); ``params`` are passed as given (unknown ones are an error)."""
+def configure_attack(name: str, params: Mapping[str, object] | None = None, *, steps: int | None = None,
+                     restarts: int | None = None, loss: str | None = None) -> Attack:
+    """Build a registered attack from explicit ``params`` (unknown ones are an error) plus the
+    common settings, passed only to attacks that take them (``steps`` to the iterative gradient
+    attacks, ``restarts`` to PGD-like ones, ``loss`` to those with a loss choice) and only where
+    ``params`` does not set them: an explicit ``--param steps=5`` wins over ``eval.steps``."""
     import inspect
 
     accepted = inspect.signature(ATTACKS.get(name)).parameters
-    kw = dict(params)
+    kw = dict(params or {})
     for key, value in (("steps", steps), ("restarts", restarts), ("loss", loss)):
         if value is not None and key in accepted:
             kw.setdefault(key, value)

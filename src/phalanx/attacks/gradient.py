@@ -94,6 +94,17 @@ def member_logits_of(model: nn.Module, x: Tensor, members: tuple[int, ...] | Non
     return z[list(members)]  # type: ignore[no-any-return]
 
 
+def restrict_members(model: nn.Module, members: tuple[int, ...]) -> nn.Module:
+    """The sub-ensemble of ``members`` (same combiner) that a non-joint attack targets; a single
+    model is its own member 0."""
+    subset = getattr(model, "subset", None)
+    if callable(subset):
+        return subset(members)  # type: ignore[no-any-return]
+    if tuple(members) != (0,):
+        raise PhalanxError(f"member indices {list(members)} do not fit a single model; accepted: [0]")
+    return model
+
+
 @dataclass(frozen=True)
 class GradientAttack(Attack):
     """Iterative gradient attack in an eps-ball; every variant is a setting.
@@ -110,7 +121,8 @@ class GradientAttack(Attack):
     ``loss="elu-joint"`` is the joint attack of Amir et al. (2022), app. D: the per-member margins
     of the chosen ``members`` (default all) combined by the ELU regulator, minimised; targeted, the
     target of each member is its runner-up at the clean point (G.A. 1, 2), untargeted the
-    runner-up at the current point (G.A. 3). Success means every chosen member errs.
+    runner-up at the current point (G.A. 3). Success means every chosen member errs. With any
+    other loss, ``members`` restricts the attacked model to that sub-ensemble (same combiner).
     """
 
     name: str = "pgd"
@@ -166,6 +178,8 @@ class GradientAttack(Attack):
                  generator: torch.Generator | None = None, target: Tensor | None = None) -> Tensor:
         check_inputs(model, x, y)
         x = x.detach()
+        if self.members is not None and not self.joint:
+            model = restrict_members(model, self.members)
         if self.joint and self.targeted and target is None:
             with torch.no_grad():  # G.A. 1/2: each member's runner-up at the clean point
                 target = runner_up(member_logits_of(model, x, self.members))

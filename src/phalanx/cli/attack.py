@@ -8,15 +8,17 @@ from typing import Any
 import click
 
 from phalanx.cli.common import (
+    SEED,
     config_options,
     device_option,
+    mismatch_option,
     out_option,
     parse_eps_list,
     progress_option,
     run_dir_for,
     shortcut,
 )
-from phalanx.config import load_config, parse_value
+from phalanx.config import checkpoint_sections, load_config, parse_value
 from phalanx.errors import PhalanxError
 
 PROTOCOLS = ("whitebox", "blackbox", "transferability", "diversity", "card")
@@ -50,16 +52,20 @@ def parse_ints(text: str | None, flag: str) -> tuple[int, ...]:
 
 
 def _load(checkpoint: str, config_path: str | None, overrides: tuple[str, ...], dataset: str | None,
-          data_dir: str | None, limit: int | None, eps: str | None, device: str | None) -> tuple[Any, Any, Any, Any]:
-    from phalanx.ensembles import checkpoint_info
+          data_dir: str | None, limit: int | None, eps: str | None, device: str | None,
+          allow_mismatch: bool = False) -> tuple[Any, Any, Any, Any]:
+    """Config (recording the checkpoint's data, model and method), ensemble, data, test split."""
+    from phalanx.ensembles import check_dataset, checkpoint_info
     from phalanx.workflows.experiment import load_data, load_for_eval
 
     info = checkpoint_info(checkpoint)
-    tree: dict[str, dict[str, Any]] = {"data": {"dataset": info.get("dataset") or "digits"}}
+    tree = checkpoint_sections(info)
+    tree.setdefault("data", {"dataset": "digits"})
     for sec, key, val in [("data", "dataset", dataset), ("data", "data_dir", data_dir), ("eval", "limit", limit),
                           ("eval", "eps", parse_eps_list(eps)), ("train", "device", device)]:
         shortcut(tree, sec, key, val)
     cfg = load_config(config_path, overrides, base=tree)
+    check_dataset(info.get("dataset"), cfg.data.dataset, checkpoint, allow=allow_mismatch)
     ens = load_for_eval(checkpoint, cfg.train.device)
     data = load_data(cfg.data)
     if tuple(data.in_shape) != tuple(ens.in_shape) or data.num_classes != ens.num_classes:
@@ -85,15 +91,16 @@ def _load(checkpoint: str, config_path: str | None, overrides: tuple[str, ...], 
 @click.option("--transfer-sets", is_flag=True,
               help="Treat the checkpoints as surrogates and write DVERGE transfer sets for every eps.")
 @click.option("--transfer-steps", type=int, default=100, show_default=True)
-@click.option("--seed", type=int, default=0)
+@click.option("--seed", type=SEED, default=0)
+@mismatch_option
 @device_option
 @out_option
 @progress_option
 def attack(checkpoints: tuple[str, ...], config_path: str | None, overrides: tuple[str, ...], dataset: str | None,
            data_dir: str | None, limit: int | None, attack_name: str, eps: str | None, loss: str | None,
            steps: int | None, restarts: int | None, params: tuple[str, ...], member: int | None,
-           transfer_sets: bool, transfer_steps: int, seed: int, device: str | None, out: str | None,
-           progress: bool) -> None:
+           transfer_sets: bool, transfer_steps: int, seed: int, allow_dataset_mismatch: bool, device: str | None,
+           out: str | None, overwrite: bool, progress: bool) -> None:
     """Make adversarial examples against a saved ensemble (adversarial.pt, results, image grid),
     or with --transfer-sets, transfer sets from surrogate ensembles for `evaluate --protocol blackbox`."""
     import torch
@@ -101,12 +108,13 @@ def attack(checkpoints: tuple[str, ...], config_path: str | None, overrides: tup
     from phalanx.attacks import configure_attack
     from phalanx.evaluation import generate_transfer_sets, transfer_attacks
     from phalanx.evaluation.whitebox import describe_attack
-    from phalanx.reports import pct, plot_adversarial_grid, table
+    from phalanx.reports import pct, plot_adversarial_grid, scope_line, table
     from phalanx.runs import environment, write_json, write_results
     from phalanx.types import Norm, ThreatModel
 
-    cfg, ens, _data, split = _load(checkpoints[0], config_path, overrides, dataset, data_dir, limit, eps, device)
-    run_dir = run_dir_for(out, "attack")
+    cfg, ens, _data, split = _load(checkpoints[0], config_path, overrides, dataset, data_dir, limit, eps, device,
+                                   allow_dataset_mismatch)
+    run_dir = run_dir_for(out, "attack", overwrite=overwrite)
     write_json(run_dir / "environment.json", environment(seed, cfg.train.device))
     gen = torch.Generator().manual_seed(seed)
     if transfer_sets:
@@ -131,7 +139,7 @@ def attack(checkpoints: tuple[str, ...], config_path: str | None, overrides: tup
     eps_vals = parse_eps_list(eps) or [0.1]
     if len(eps_vals) != 1:
         raise PhalanxError(f"--eps takes one value here (a list only with --transfer-sets), got {eps}")
-    atk = configure_attack(attack_name, steps=steps, restarts=restarts, loss=loss, **parse_params(params))
+    atk = configure_attack(attack_name, parse_params(params), steps=steps, restarts=restarts, loss=loss)
     model: Any = ens
     if member is not None:
         if not 0 <= member < len(ens):
@@ -170,7 +178,7 @@ def attack(checkpoints: tuple[str, ...], config_path: str | None, overrides: tup
                                       "attack": describe_attack(atk), "n": len(split), "clean_accuracy": clean_acc,
                                       "robust_accuracy": rob_acc, "seed": seed, "file": "adversarial.pt"})
     (run_dir / "report.md").write_text("\n".join([
-        f"# phalanx attack: {attack_name} on {checkpoints[0]}", "",
+        f"# phalanx attack: {attack_name} on {checkpoints[0]}", "", scope_line(_data.name, len(split)), "",
         table(["target", "eps", "examples", "clean", "adversarial"],
               [[target, f"{threat.eps:g}", len(split), pct(clean_acc), pct(rob_acc)]]), "",
         "Adversarial examples: `adversarial.pt` (x, x_adv, y, predictions).", "",
@@ -201,7 +209,8 @@ def attack(checkpoints: tuple[str, ...], config_path: str | None, overrides: tup
 @click.option("--transfer-steps", type=int, default=100, show_default=True)
 @click.option("--no-sanity", is_flag=True, help="Skip the gradient-masking sanity checks.")
 @click.option("--quick", is_flag=True, help="card: reduced attack budgets instead of the published defaults.")
-@click.option("--seed", type=int, default=0)
+@click.option("--seed", type=SEED, default=0)
+@mismatch_option
 @device_option
 @out_option
 @progress_option
@@ -209,12 +218,14 @@ def evaluate(checkpoint: str, config_path: str | None, overrides: tuple[str, ...
              dataset: str | None, data_dir: str | None, limit: int | None, eps: str | None, attack: str | None,
              loss: str | None, steps: int | None, restarts: int | None, params: tuple[str, ...],
              transfer_sets: str | None, surrogates: str | None, train_surrogates: str | None,
-             surrogate_epochs: int, transfer_steps: int, no_sanity: bool, quick: bool, seed: int, device: str | None,
-             out: str | None, progress: bool) -> None:
+             surrogate_epochs: int, transfer_steps: int, no_sanity: bool, quick: bool, seed: int,
+             allow_dataset_mismatch: bool, device: str | None, out: str | None, overwrite: bool,
+             progress: bool) -> None:
     """Evaluate a saved ensemble with a protocol: white-box curves (several attacks, worst case,
     members), black-box transfer sets, the transferability matrix, DVERGE's diversity, or the
     robustness card (AutoAttack, MORA, transfer from a standard ensemble; ARC and EOT for
     randomized ensembles; per-example worst case and gradient-masking flags)."""
+    from phalanx.reports import scope_line
     from phalanx.reports.evaluation_report import write_evaluation_report
     from phalanx.runs import environment, write_json, write_results
     from phalanx.workflows.evaluation import EvaluationSpec, run_evaluation
@@ -223,7 +234,8 @@ def evaluate(checkpoint: str, config_path: str | None, overrides: tuple[str, ...
     for key, val in (("attack", attack), ("steps", steps), ("restarts", restarts)):
         if val is not None:
             extra.insert(0, f"eval.{key}={val}" if key != "attack" else f'eval.attack="{val}"')
-    cfg, ens, data, split = _load(checkpoint, config_path, tuple(extra), dataset, data_dir, limit, eps, device)
+    cfg, ens, data, split = _load(checkpoint, config_path, tuple(extra), dataset, data_dir, limit, eps, device,
+                                  allow_dataset_mismatch)
     spec = EvaluationSpec(protocol=protocol, eps=cfg.eval.eps, attacks=parse_names(cfg.eval.attack) or ("pgd",),
                           steps=cfg.eval.steps, restarts=cfg.eval.restarts, loss=loss,
                           attack_params=parse_params(params), batch_size=cfg.eval.batch_size, seed=seed,
@@ -232,17 +244,15 @@ def evaluate(checkpoint: str, config_path: str | None, overrides: tuple[str, ...
                           train_surrogates=parse_ints(train_surrogates, "--train-surrogates"),
                           surrogate_epochs=surrogate_epochs, transfer_steps=transfer_steps,
                           diversity_eps=(cfg.eval.eps[-1] if eps is not None else 0.07), quick=quick)
-    run_dir = run_dir_for(out, "evaluate")
+    run_dir = run_dir_for(out, "evaluate", overwrite=overwrite)
     write_json(run_dir / "config.json", cfg.to_dict())
     write_json(run_dir / "environment.json", environment(seed, cfg.train.device))
     results = run_evaluation(spec, ens, data, split, run_dir=run_dir, progress=progress)
-    report = write_evaluation_report(run_dir, results, title=f"phalanx evaluation ({protocol}) of {checkpoint}")
+    report = write_evaluation_report(run_dir, results, title=f"phalanx evaluation ({protocol}) of {checkpoint}",
+                                     scope=scope_line(data.name, len(split)))
     write_results(run_dir, "evaluate", {"config": cfg.to_dict(), "checkpoint": checkpoint,
                                         "spec": {k: v for k, v in spec.__dict__.items()}, "results": results})
-    failed = [c for sec in ("whitebox", "blackbox") for c in results.get(sec, {}).get("sanity", []) if not c["passed"]]
-    failed += [c for c in results.get("card", {}).get("flags", []) if not c["passed"]]
-    for c in failed:
-        click.echo(f"warning: sanity check failed ({c['name']}): {c['detail']}", err=True)
+    # failed sanity checks and card flags were logged once as warnings where they ran (phalanx.evaluation.sanity)
     click.echo(f"clean accuracy {results['clean']['accuracy']:.4f}; protocol {protocol}; report {report}")
 
 

@@ -9,6 +9,7 @@ from typing import Any
 import click
 
 from phalanx.cli.common import (
+    SEED,
     config_options,
     device_option,
     out_option,
@@ -17,7 +18,7 @@ from phalanx.cli.common import (
     run_dir_for,
     shortcut,
 )
-from phalanx.config import load_config
+from phalanx.config import checkpoint_sections, load_config
 from phalanx.errors import PhalanxError
 
 
@@ -32,7 +33,7 @@ from phalanx.errors import PhalanxError
 @click.option("--epochs", type=int, default=None)
 @click.option("--batch-size", type=int, default=None)
 @click.option("--lr", type=float, default=None)
-@click.option("--seed", type=int, default=None)
+@click.option("--seed", type=SEED, default=None)
 @click.option("--eps", default=None, help="Comma-separated eps list for the final PGD evaluation.")
 @click.option("--resume", "resume_dir", type=click.Path(file_okay=False), default=None,
               help="Continue a killed run from its last checkpoint.")
@@ -44,7 +45,7 @@ from phalanx.errors import PhalanxError
 def train(config_path: str | None, overrides: tuple[str, ...], dataset: str | None, data_dir: str | None,
           limit: int | None, model: str | None, members: int | None, method: str | None, epochs: int | None,
           batch_size: int | None, lr: float | None, seed: int | None, eps: str | None, resume_dir: str | None,
-          init_path: str | None, device: str | None, out: str | None, progress: bool) -> None:
+          init_path: str | None, device: str | None, out: str | None, overwrite: bool, progress: bool) -> None:
     """Train an ensemble; writes a run folder with checkpoints, metrics, results and a report."""
     from phalanx.workflows.experiment import evaluate_ensemble, train_run, write_train_report
 
@@ -53,7 +54,13 @@ def train(config_path: str | None, overrides: tuple[str, ...], dataset: str | No
         saved = Path(resume_dir) / "config.json"
         if not saved.is_file():
             raise PhalanxError(f"cannot resume: {saved} does not exist")
-        tree = json.loads(saved.read_text())
+        try:
+            loaded: Any = json.loads(saved.read_text())
+        except ValueError:
+            loaded = None
+        if not isinstance(loaded, dict) or not all(isinstance(v, dict) for v in loaded.values()):
+            raise PhalanxError(f"cannot resume: {saved} is not a phalanx run config (damaged?)")
+        tree = loaded
     for sec, key, val in [("data", "dataset", dataset), ("data", "data_dir", data_dir), ("data", "limit", limit),
                           ("model", "name", model), ("model", "members", members), ("method", "name", method),
                           ("train", "epochs", epochs), ("train", "batch_size", batch_size), ("train", "lr", lr),
@@ -63,17 +70,16 @@ def train(config_path: str | None, overrides: tuple[str, ...], dataset: str | No
     if init_path is not None:
         from phalanx.ensembles import checkpoint_info
 
-        info = checkpoint_info(init_path)
         # the checkpoint decides the architecture; record it in the resolved config
-        first = dict(info["members"][0])
-        tree.setdefault("model", {}).update(
-            {"name": first.pop("name"), "members": len(info["members"]), "combiner": info["combiner"]})
-        for k in ("in_shape", "num_classes", "mean", "std"):
-            first.pop(k, None)
-        tree["model"].update(first)
+        tree.setdefault("model", {}).update(checkpoint_sections(checkpoint_info(init_path), method=False)["model"])
         tree["model"]["init"] = str(init_path)
     cfg = load_config(config_path, overrides, base=tree)
-    run_dir = Path(resume_dir) if resume_dir is not None else run_dir_for(out, "train")
+    if resume_dir is not None and out is not None and Path(out).resolve() != Path(resume_dir).resolve():
+        raise PhalanxError(f"--resume {resume_dir} continues that folder; --out {out} names another")
+    if resume_dir is not None and overwrite:
+        raise PhalanxError("--resume continues a run and --overwrite replaces it; give one")
+    run_dir = run_dir_for(resume_dir if resume_dir is not None else out, "train", overwrite=overwrite,
+                          reuse="resume" if resume_dir is not None else "new")
     ens, fit_result, data = train_run(cfg, run_dir, resume=resume_dir is not None, progress=progress)
     ev = evaluate_ensemble(ens, data, cfg.eval, seed=cfg.train.seed, progress=progress)
     report = write_train_report(run_dir, cfg, fit_result, ev)
@@ -84,11 +90,11 @@ def train(config_path: str | None, overrides: tuple[str, ...], dataset: str | No
 @out_option
 @progress_option
 @click.option("--quick", is_flag=True, help="Fewer epochs and examples (for smoke tests).")
-def demo(out: str | None, progress: bool, quick: bool) -> None:
+def demo(out: str | None, overwrite: bool, progress: bool, quick: bool) -> None:
     """Train and evaluate a 3-member ensemble on the embedded digits data; write a report."""
     from phalanx.demo import run_demo
 
-    run_dir = run_dir_for(out, "demo")
+    run_dir = run_dir_for(out, "demo", overwrite=overwrite)
     overrides = {"train": {"epochs": 2}, "eval": {"limit": 60, "steps": 5}} if quick else None
     ctx = run_demo(run_dir, progress=progress, overrides=overrides)
     click.echo(f"demo finished in {ctx.timings['total']:.0f} s; report {run_dir / 'report.md'}")

@@ -10,7 +10,7 @@ from typing import Any
 
 import click
 
-from phalanx.cli.common import out_option, progress_option, run_dir_for
+from phalanx.cli.common import mismatch_option, out_option, progress_option, run_dir_for
 from phalanx.errors import PhalanxError
 
 
@@ -45,13 +45,14 @@ def _ints(text: str | None, flag: str) -> list[int] | None:
 @click.option("--margin", type=float, default=1e-3, show_default=True, help="Logit margin of returned attacks.")
 @click.option("--unbounded", is_flag=True, help="No [0, 1] input box (the paper's setting).")
 @click.option("--compare/--no-compare", default=True, help="Also run the uniform and best deterministic attackers.")
+@mismatch_option
 @out_option
 @progress_option
 def randomized_attack_cmd(checkpoints: tuple[str, ...], members: str | None, dataset: str | None,
                           data_dir: str | None, pair: str | None, split: str, points: int, indices: str | None,
                           num_attacks: int | None, eps: float, norm: str, alpha: float, objective: str, backend: str,
-                          time_limit: float, margin: float, unbounded: bool, compare: bool, out: str | None,
-                          progress: bool) -> None:
+                          time_limit: float, margin: float, unbounded: bool, compare: bool,
+                          allow_dataset_mismatch: bool, out: str | None, overwrite: bool, progress: bool) -> None:
     """Find an optimal randomized attack (A, P) on the classifiers or prove (eps, alpha)-robustness.
 
     CHECKPOINTS are ensemble checkpoints; all their members form the classifier set C. Writes
@@ -59,7 +60,7 @@ def randomized_attack_cmd(checkpoints: tuple[str, ...], members: str | None, dat
     import torch
 
     from phalanx.data import load_dataset
-    from phalanx.ensembles import checkpoint_info, load_ensemble
+    from phalanx.ensembles import check_dataset, checkpoint_info, load_ensemble
     from phalanx.randomized.attack import RandomizedAttackConfig, comparison_attackers, randomized_attack
     from phalanx.randomized.digits import attack_points, binary_pair
     from phalanx.randomized.report import plot_attacks, render_report
@@ -75,18 +76,31 @@ def randomized_attack_cmd(checkpoints: tuple[str, ...], members: str | None, dat
         if not chosen or any(not 0 <= i < len(models) for i in chosen):
             raise PhalanxError(f"--members must be indices in 0..{len(models) - 1}, got {members!r}")
         models = [models[i] for i in chosen]
-    name = str(dataset or checkpoint_info(checkpoints[0]).get("dataset") or "digits")
+    stored_sets = {ck: checkpoint_info(ck).get("dataset") for ck in checkpoints}
+    if len({d for d in stored_sets.values() if d is not None}) > 1:
+        raise PhalanxError("the checkpoints were trained on different datasets ("
+                           + ", ".join(f"{ck}: {d}" for ck, d in stored_sets.items()) + "); give checkpoints of one")
+    trained_on = next((d for d in stored_sets.values() if d is not None), None)
+    name = str(dataset or trained_on or "digits")
     pr = _ints(pair, "--pair")
+    if dataset is not None and trained_on is not None:
+        want = dataset if not pr else f"{dataset}_{'_'.join(map(str, pr))}"
+        if trained_on not in (dataset, want):  # digits_3_6 is digits with --pair 3,6
+            check_dataset(trained_on, want, ", ".join(checkpoints), allow=allow_dataset_mismatch)
     stored = re.fullmatch(r"(.+)_(\d+)_(\d+)", name)  # a binary dataset such as digits_3_6
     if stored is not None and pr is None:
         name, pr = stored.group(1), [int(stored.group(2)), int(stored.group(3))]
     data = load_dataset(name, data_dir=data_dir)
     if pr is not None:
         data = binary_pair(data, pr)
-    k = int(getattr(models[0], "num_classes", data.num_classes))
-    if k != data.num_classes:
-        raise PhalanxError(f"the classifiers have {k} outputs but the data has {data.num_classes} classes"
-                           + ("" if pr else "; pass --pair a,b for binary classifiers"))
+    for i, m in enumerate(models):
+        k = int(getattr(m, "num_classes", data.num_classes))
+        if k != data.num_classes:
+            raise PhalanxError(f"classifier {i} has {k} outputs but the data has {data.num_classes} classes"
+                               + ("" if pr else "; pass --pair a,b for binary classifiers"))
+        shape = tuple(getattr(m, "in_shape", ()) or data.in_shape)
+        if shape != tuple(data.in_shape):
+            raise PhalanxError(f"classifier {i} expects inputs {shape}; dataset {data.name!r} has {tuple(data.in_shape)}")
     sp = data.split(split)
     idx = _ints(indices, "--indices")
     if idx is not None:
@@ -97,7 +111,7 @@ def randomized_attack_cmd(checkpoints: tuple[str, ...], members: str | None, dat
         if points < 1:
             raise PhalanxError(f"--points must be >= 1, got {points}")
         x, y = attack_points(sp, [m.eval() for m in models], points)
-    run_dir = run_dir_for(out, "randomized-attack")
+    run_dir = run_dir_for(out, "randomized-attack", overwrite=overwrite)
     res = randomized_attack(models, x, y, config, progress=progress)
     doc: dict[str, Any] = {
         "result": res.to_json(), "config": {**asdict(config), "norm": res.norm},

@@ -7,7 +7,7 @@ from typing import Any
 
 import click
 
-from phalanx.cli.common import out_option, parse_eps_list, progress_option, run_dir_for
+from phalanx.cli.common import SEED, out_option, parse_eps_list, progress_option, run_dir_for
 from phalanx.errors import PhalanxError
 
 
@@ -32,7 +32,7 @@ def _common(f: Callable[..., Any]) -> Callable[..., Any]:
         click.option("--workers", type=int, default=1, show_default=True, help="Parallel worker processes."),
         click.option("--members", default=None, help="Comma-separated member indices (default all)."),
         click.option("--data-dir", default=None, help="Folder with dataset files."),
-        click.option("--seed", type=int, default=0, show_default=True),
+        click.option("--seed", type=SEED, default=0, show_default=True),
         click.option("--retry-undecided", is_flag=True,
                      help="When resuming into an existing --out folder, solve stored TIMEOUT/ERROR queries again."),
     ]
@@ -70,12 +70,12 @@ def verify() -> None:
 @out_option
 @progress_option
 def pairs(checkpoint: str, label: int | None, subset_size: int, runner_up: bool, split: str, out: str | None,
-          progress: bool, **kw: Any) -> None:
+          overwrite: bool, progress: bool, **kw: Any) -> None:
     """Mutual-error queries and uniqueness scores of a checkpoint's members (resumable with --out)."""
     from phalanx.workflows.verify import verify_pairs
 
     cfg = _config(label=label, subset_size=subset_size, runner_up=runner_up, split=split, **kw)
-    run_dir = run_dir_for(out, "verify-pairs")
+    run_dir = run_dir_for(out, "verify-pairs", overwrite=overwrite, reuse="continue")
     res = verify_pairs(checkpoint, run_dir, cfg, progress=progress)
     click.echo(f"{res['summary']['queries']} queries {res['summary']['verdicts']}; report {run_dir / 'report.md'}")
 
@@ -87,12 +87,13 @@ def pairs(checkpoint: str, label: int | None, subset_size: int, runner_up: bool,
               help="Combination rule to verify (default: the checkpoint's; only mean-logits and majority encode).")
 @out_option
 @progress_option
-def ensemble(checkpoint: str, combiner: str | None, out: str | None, progress: bool, **kw: Any) -> None:
+def ensemble(checkpoint: str, combiner: str | None, out: str | None, overwrite: bool, progress: bool,
+             **kw: Any) -> None:
     """Verified robust accuracy of the whole ensemble on random test points (PGD alongside)."""
     from phalanx.workflows.verify import verify_ensemble
 
     cfg = _config(**kw)
-    run_dir = run_dir_for(out, "verify-ensemble")
+    run_dir = run_dir_for(out, "verify-ensemble", overwrite=overwrite, reuse="continue")
     res = verify_ensemble(checkpoint, run_dir, cfg, combiner=combiner, progress=progress)
     rows = res["robustness"]["rows"]
     click.echo("; ".join(f"eps {r['eps']:g}: verified {r['verified_robust_accuracy']:.3f} "
@@ -112,12 +113,13 @@ def ensemble(checkpoint: str, combiner: str | None, out: str | None, progress: b
 @out_option
 @progress_option
 def select(checkpoint: str, k: int, label: int | None, initial: str | None, max_iters: int,
-           time_budget: float | None, validate_points: int, out: str | None, progress: bool, **kw: Any) -> None:
+           time_budget: float | None, validate_points: int, out: str | None, overwrite: bool, progress: bool,
+           **kw: Any) -> None:
     """Verification-aided member selection (Amir et al. 2022, section III-C) from n > k candidates."""
     from phalanx.workflows.verify import select as run_select
 
     cfg = _config(label=label, **kw)
-    run_dir = run_dir_for(out, "select")
+    run_dir = run_dir_for(out, "select", overwrite=overwrite, reuse="continue")
     res = run_select(checkpoint, run_dir, cfg, k=k, max_iters=max_iters, time_budget_s=time_budget,
                      initial=_members(initial), validate_points=validate_points, progress=progress)
     sel = res["selection"]
@@ -136,14 +138,14 @@ def select(checkpoint: str, k: int, label: int | None, initial: str | None, max_
 @click.option("--data-dir", default=None)
 @out_option
 def export_vnnlib(checkpoint: str, eps: str, index: int, members: str | None, kind: str, runner_up: bool,
-                  data_dir: str | None, out: str | None) -> None:
+                  data_dir: str | None, out: str | None, overwrite: bool) -> None:
     """Export a query as ONNX networks plus a VNN-LIB property for external verifiers."""
     from phalanx.workflows.verify import VerifyConfig
     from phalanx.workflows.verify import export_vnnlib as run_export
 
     cfg = VerifyConfig(eps=tuple(parse_eps_list(eps) or []), points=index + 1, members=_members(members),
                        runner_up=runner_up, data_dir=data_dir)
-    run_dir = run_dir_for(out, "export-vnnlib")
+    run_dir = run_dir_for(out, "export-vnnlib", overwrite=overwrite)
     res = run_export(checkpoint, run_dir, cfg, index=index, kind=kind)
     click.echo(f"wrote {len(res['exports'])} queries to {run_dir}")
 

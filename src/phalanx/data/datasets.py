@@ -156,12 +156,12 @@ def _load_idx_set(
     name: str, subdir: str, sources: dict[str, tuple[str, str]], classes: tuple[str, ...],
     data_dir: Path | None, seed: int, val_fraction: float, download: bool,
 ) -> DatasetSplits:
-    root = Path(data_dir) if data_dir is not None else files.default_data_dir()
+    root = files.data_root(data_dir)
     paths = files.locate(root, subdir, _MNIST_FILES, sources, download_ok=download)
-    xtr = files.read_idx(paths["train-images-idx3-ubyte.gz"])[:, None]
-    ytr = files.read_idx(paths["train-labels-idx1-ubyte.gz"]).astype(np.int64)
-    xte = files.read_idx(paths["t10k-images-idx3-ubyte.gz"])[:, None]
-    yte = files.read_idx(paths["t10k-labels-idx1-ubyte.gz"]).astype(np.int64)
+    xtr = files.read_idx(paths["train-images-idx3-ubyte.gz"], 3)[:, None]
+    ytr = files.read_idx(paths["train-labels-idx1-ubyte.gz"], 1).astype(np.int64)
+    xte = files.read_idx(paths["t10k-images-idx3-ubyte.gz"], 3)[:, None]
+    yte = files.read_idx(paths["t10k-labels-idx1-ubyte.gz"], 1).astype(np.int64)
     if len(xtr) != len(ytr) or len(xte) != len(yte):
         raise PhalanxError(f"{name}: image and label files have different lengths")
     train, val = _train_val(xtr, ytr, val_fraction, seed)
@@ -197,7 +197,7 @@ _CIFAR = {
 
 def _load_cifar(name: str, data_dir: Path | None, seed: int, val_fraction: float, download: bool) -> DatasetSplits:
     folder, url, md5, train_files, test_files, meta, label_key, names_key = _CIFAR[name]
-    root = Path(data_dir) if data_dir is not None else files.default_data_dir()
+    root = files.data_root(data_dir)
     needed = train_files + test_files + [meta]
     base = next((d for d in (root / name / folder, root / folder, root / name, root)
                  if all((d / f).is_file() for f in needed)), None)
@@ -252,7 +252,7 @@ def load_dataset(
     loader = DATASETS.get(name)
     if limit is not None and limit < 1:
         raise PhalanxError(f"limit must be >= 1, got {limit}")
-    ds = loader(data_dir=Path(data_dir) if data_dir is not None else None, seed=seed, download=download)
+    ds = loader(data_dir=files.data_root(data_dir) if data_dir is not None else None, seed=seed, download=download)
     if limit is not None:
         ds = DatasetSplits(ds.name, ds.train.subset(limit), ds.val.subset(limit), ds.test.subset(limit),
                            ds.class_names, ds.mean, ds.std, ds.augment, ds.meta)

@@ -32,8 +32,21 @@ def default_data_dir() -> Path:
     return Path.home() / ".cache" / "phalanx" / "data"
 
 
-def read_idx(path: Path) -> np.ndarray:
-    """Read an IDX file (optionally gzip-compressed) into a numpy array."""
+def data_root(data_dir: Path | str | None) -> Path:
+    """The folder datasets are read from: ``data_dir`` when given (it must exist: a mistyped
+    ``--data-dir`` is an error, not a new folder tree), else :func:`default_data_dir`."""
+    if data_dir is None:
+        return default_data_dir()
+    root = Path(data_dir)
+    if not root.is_dir():
+        raise DataNotFoundError(f"data folder {root} does not exist (--data-dir or ${DATA_DIR_ENV}); "
+                                "create it or point to the folder holding the dataset files")
+    return root
+
+
+def read_idx(path: Path, expect_ndim: int | None = None) -> np.ndarray:
+    """Read an IDX file (optionally gzip-compressed) into a numpy array; with ``expect_ndim``, one of
+    another rank (e.g. a labels file where images belong) is an error."""
     opener = gzip.open if str(path).endswith(".gz") else open
     try:
         with opener(path, "rb") as f:  # type: ignore[operator]
@@ -52,6 +65,10 @@ def read_idx(path: Path) -> np.ndarray:
     count = int(np.prod(dims)) if dims else 0
     if len(raw) - offset != count * dtype.itemsize:
         raise PhalanxError(f"{path}: IDX payload size does not match its header {dims}")
+    if expect_ndim is not None and len(dims) != expect_ndim:
+        kind = {1: "labels", 3: "images"}.get(len(dims), f"{len(dims)}-dimensional data")
+        want = {1: "labels", 3: "images"}.get(expect_ndim, f"{expect_ndim}-dimensional data")
+        raise PhalanxError(f"{path} holds {kind} {dims}, expected {want}; is the file misnamed?")
     return np.frombuffer(raw, dtype=dtype, count=count, offset=offset).reshape(dims)
 
 

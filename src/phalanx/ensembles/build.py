@@ -25,7 +25,10 @@ class ModelConfig:
     options: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        if not isinstance(self.members, int) or self.members < 1:
+        from phalanx.types import check_fields
+
+        check_fields(self, "model")
+        if self.members < 1:
             raise PhalanxError(f"model.members must be a positive integer, got {self.members!r}")
 
 

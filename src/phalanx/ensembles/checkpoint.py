@@ -78,6 +78,24 @@ def save_ensemble(ensemble: Ensemble, path: str | Path, *, dataset: str | None =
     return Path(path)
 
 
+def check_finite(state_dict: Any, source: str) -> None:
+    """Refuse weights with NaN or inf (a diverged or damaged model would give meaningless results)."""
+    if not isinstance(state_dict, dict):
+        raise CheckpointError(f"{source}: weights are not a state dict")
+    for name, t in state_dict.items():
+        if isinstance(t, torch.Tensor) and t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            raise CheckpointError(f"{source}: weight {name!r} holds NaN or inf values; the checkpoint is "
+                                  "damaged or its training diverged")
+
+
+def check_dataset(stored: str | None, requested: str, source: str, *, allow: bool = False) -> None:
+    """Refuse to use a checkpoint trained on ``stored`` with data of another dataset (same
+    shapes would otherwise give a silently meaningless result), unless ``allow``."""
+    if stored is not None and stored != requested and not allow:
+        raise CheckpointError(f"{source} was trained on dataset {stored!r}, not {requested!r}; use {stored!r} "
+                              "or pass --allow-dataset-mismatch")
+
+
 def ensemble_from_state(state: Any, source: str = "checkpoint") -> Ensemble:
     from phalanx.models import build_model
 
@@ -89,6 +107,7 @@ def ensemble_from_state(state: Any, source: str = "checkpoint") -> Ensemble:
     for i, entry in enumerate(state["members"]):
         cfg = json.loads(entry["config"])
         model = build_model(cfg)
+        check_finite(entry["state_dict"], f"{source}: member {i}")
         try:
             model.load_state_dict(entry["state_dict"], strict=True)
         except RuntimeError as exc:

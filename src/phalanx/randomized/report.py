@@ -61,7 +61,7 @@ def render_report(doc: Mapping[str, Any], *, image: str | None = None) -> str:
     main = doc["result"]
     lines = [
         "# phalanx randomized attack", "",
-        f"Classifiers: {doc.get('num_classifiers')} ({', '.join(doc.get('classifier_sources', []))}); "
+        f"Dataset `{doc.get('dataset')}` ({doc.get('split')} split). Classifiers: {doc.get('num_classifiers')} ({', '.join(doc.get('classifier_sources', []))}); "
         f"points |X| = {doc.get('num_points')}; eps = {main['eps']:g} ({main['norm']}); alpha = {main['alpha']:g}; "
         f"backend {main['backend']}, objective {main['objective']}.", "",
         "Val(A, P) (Gross et al. eq. 1) is recomputed by the float64 PyTorch models from the returned "

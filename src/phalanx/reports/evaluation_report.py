@@ -155,9 +155,12 @@ def evaluation_sections(results: Mapping[str, Any], run_dir: str | Path, prefix:
     return lines
 
 
-def write_evaluation_report(run_dir: str | Path, results: Mapping[str, Any], *, title: str) -> Path:
+def write_evaluation_report(run_dir: str | Path, results: Mapping[str, Any], *, title: str,
+                            scope: str | None = None) -> Path:
+    """report.md: ``title``, the ``scope`` sentence (dataset and examples), then the sections."""
     path = Path(run_dir) / "report.md"
-    path.write_text("\n".join([f"# {title}", "", *evaluation_sections(results, run_dir)]) + "\n")
+    head = [f"# {title}", ""] + ([scope, ""] if scope else [])
+    path.write_text("\n".join([*head, *evaluation_sections(results, run_dir)]) + "\n")
     return path
 
 

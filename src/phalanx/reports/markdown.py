@@ -17,6 +17,11 @@ def table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
     return "\n".join(lines)
 
 
+def scope_line(dataset: str, n: int, what: str = "test examples") -> str:
+    """The sentence every report opens with: which data, how many examples."""
+    return f"Dataset `{dataset}`, {n} {what}."
+
+
 def pct(v: float) -> str:
     return f"{100 * v:.1f}%"
 

@@ -8,7 +8,7 @@ import logging
 import math
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +16,7 @@ import torch
 from torch import Tensor
 
 from phalanx.data import DatasetSplits, iterate_batches, num_batches
-from phalanx.ensembles import Ensemble, atomic_save, ensemble_state, safe_load, save_ensemble
+from phalanx.ensembles import Ensemble, atomic_save, check_finite, ensemble_state, safe_load, save_ensemble
 from phalanx.errors import CheckpointError, PhalanxError
 from phalanx.evaluation.clean import evaluate_clean
 from phalanx.training.base import Batch, StepContext, TrainingMethod
@@ -28,10 +28,22 @@ SCHEDULES = ("multistep", "cosine", "constant")
 STATE_FORMAT = "phalanx-train-state"
 
 
+#: runs of at least this many epochs get the papers' automatic LR decay (x gamma at 50% and 75%)
+AUTO_DECAY_MIN_EPOCHS = 10
+
+
 @dataclass(frozen=True)
 class TrainConfig:
     """Optimisation settings. Defaults follow DVERGE's reference (SGD 0.1, momentum 0.9,
-    weight decay 1e-4, LR x0.1 at 50% and 75% of the epochs)."""
+    weight decay 1e-4, LR x0.1 at 50% and 75% of the epochs).
+
+    ``milestones`` are the epochs after which the LR is multiplied by ``gamma`` (schedule
+    ``multistep``); ``None`` (the default) means automatic: 50% and 75% of ``epochs`` for runs
+    of at least :data:`AUTO_DECAY_MIN_EPOCHS` epochs (DVERGE's 200 epochs: 100 and 150) and no
+    decay for shorter runs, which keep the LR they ask for (a 3-epoch run would otherwise spend
+    two epochs at 1/10 and 1/100 of it; a 2-epoch fine-tune one). ``()`` turns decay off;
+    ``schedule = "constant"`` too.
+    :meth:`effective` is the config with the milestones actually used, as runs record it."""
 
     epochs: int = 10
     batch_size: int = 128
@@ -40,7 +52,7 @@ class TrainConfig:
     momentum: float = 0.9
     weight_decay: float = 1e-4
     schedule: str = "multistep"
-    milestones: tuple[int, ...] = ()  # epochs at which LR *= gamma; () means (50%, 75%)
+    milestones: tuple[int, ...] | None = None
     gamma: float = 0.1
     seed: int = 0
     device: str = "auto"
@@ -48,28 +60,47 @@ class TrainConfig:
     drop_last: bool = False
 
     def __post_init__(self) -> None:
-        if not isinstance(self.epochs, int) or self.epochs < 1:
-            raise PhalanxError(f"epochs must be a positive integer, got {self.epochs!r}")
-        if not isinstance(self.batch_size, int) or self.batch_size < 1:
-            raise PhalanxError(f"batch_size must be a positive integer, got {self.batch_size!r}")
+        from phalanx.types import check_fields
+
+        check_fields(self, "train")
+        if self.epochs < 1:
+            raise PhalanxError(f"train.epochs must be a positive integer, got {self.epochs!r}")
+        if self.batch_size < 1:
+            raise PhalanxError(f"train.batch_size must be a positive integer, got {self.batch_size!r}")
         if self.eval_batch_size < 1:
-            raise PhalanxError(f"eval_batch_size must be positive, got {self.eval_batch_size!r}")
+            raise PhalanxError(f"train.eval_batch_size must be positive, got {self.eval_batch_size!r}")
         if self.optimizer not in OPTIMIZERS:
             raise PhalanxError(f"unknown optimizer {self.optimizer!r}; accepted: {', '.join(OPTIMIZERS)}")
         if self.schedule not in SCHEDULES:
             raise PhalanxError(f"unknown schedule {self.schedule!r}; accepted: {', '.join(SCHEDULES)}")
-        if not self.lr > 0 or not math.isfinite(self.lr):
-            raise PhalanxError(f"lr must be positive, got {self.lr!r}")
+        if not self.lr > 0:
+            raise PhalanxError(f"train.lr must be positive, got {self.lr!r}")
         if self.weight_decay < 0 or self.momentum < 0:
-            raise PhalanxError("weight_decay and momentum must be >= 0")
+            raise PhalanxError(f"train.weight_decay and train.momentum must be >= 0, got {self.weight_decay!r}, "
+                               f"{self.momentum!r}")
+        if not 0 < self.gamma <= 1:
+            raise PhalanxError(f"train.gamma (the LR decay factor) must be in (0, 1], got {self.gamma!r}")
+        if self.milestones is not None:
+            if any(m < 1 for m in self.milestones) or list(self.milestones) != sorted(set(self.milestones)):
+                raise PhalanxError(f"train.milestones must be increasing epochs >= 1, got {list(self.milestones)}")
         if self.device not in ("auto", "cpu", "cuda") and not str(self.device).startswith("cuda:"):
             raise PhalanxError(f"unknown device {self.device!r}; accepted: auto, cpu, cuda")
-        object.__setattr__(self, "milestones", tuple(int(m) for m in self.milestones))
 
     def resolved_milestones(self) -> list[int]:
-        if self.milestones:
+        """The epochs after which the LR decays (``multistep``); see the class docstring."""
+        if self.schedule != "multistep":
+            return []
+        if self.milestones is not None:
             return list(self.milestones)
+        if self.epochs < AUTO_DECAY_MIN_EPOCHS:
+            return []
         return sorted({max(1, self.epochs // 2), max(1, (3 * self.epochs) // 4)})
+
+    def effective(self) -> TrainConfig:
+        """This config with the milestones it trains with (what a run records)."""
+        if self.schedule != "multistep":
+            return self
+        return replace(self, milestones=tuple(self.resolved_milestones()))
 
 
 def resolve_device(name: str = "auto") -> torch.device:
@@ -118,7 +149,7 @@ def _state(ensemble: Ensemble, opt: torch.optim.Optimizer, sched: Any, epoch: in
         "ensemble": ensemble_state(ensemble, dataset=dataset),
         "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
         "torch_rng": torch.get_rng_state(),
-        "history": json.dumps(history), "config": json.dumps(asdict(cfg)),
+        "history": json.dumps(history), "config": json.dumps(asdict(cfg.effective())),
         "method": json.dumps(method.describe()),
     }
 
@@ -166,7 +197,7 @@ def fit(
                     desc=f"train {method.name}")
     try:
         for epoch in range(start_epoch, config.epochs):
-            torch.manual_seed(config.seed * 1_000_003 + epoch)  # any stray global randomness
+            torch.manual_seed((config.seed * 1_000_003 + epoch) % (2**63 - 1))  # any stray global randomness
             gen = epoch_generator(config.seed, epoch)
             ctx = StepContext(epoch, 0, epoch * steps, steps, config.epochs, gen, device)
             ensemble.train()
@@ -238,6 +269,7 @@ def _restore(ckpt: Path, ensemble: Ensemble, opt: torch.optim.Optimizer, sched: 
         mine = getattr(member, "config", None)
         if mine is not None and cfg != mine:
             raise CheckpointError(f"{ckpt}: member {i} architecture {cfg.get('name')!r} {cfg} does not match {mine}")
+        check_finite(entry["state_dict"], f"{ckpt}: member {i}")
         try:
             member.load_state_dict(entry["state_dict"])
         except RuntimeError as exc:

@@ -13,6 +13,7 @@ that the caller re-checks in PyTorch.
 
 from __future__ import annotations
 
+import os
 import threading
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -49,7 +50,7 @@ def highs_solver(highspy: Any, threads: int) -> Any:
     if getattr(_HIGHS_THREADS, "value", None) != threads:
         highspy.Highs.resetGlobalScheduler(True)
         _HIGHS_THREADS.value = threads
-    h = highspy.Highs()
+    h = quiet_highs()
     h.setOptionValue("output_flag", False)
     h.setOptionValue("threads", threads)
     return h
@@ -295,3 +296,33 @@ def encode_network(model: MilpModel, net: NetworkIR, input_vars: np.ndarray, bou
     out = enc.run(net.ops, iv)
     model.tighten(out, bounds.output[0], bounds.output[1])
     return out
+
+
+def quiet_highs() -> Any:
+    """A ``highspy.Highs()``; the first one in a process prints HiGHS's copyright banner on the
+    C-level stdout before any option can switch output off, so that one is made with fd 1 sent
+    to /dev/null (the banner would otherwise land in results piped from the CLI and in logs)."""
+    import highspy
+
+    global _HIGHS_BANNER_SHOWN
+    if _HIGHS_BANNER_SHOWN:
+        return highspy.Highs()
+    import sys
+
+    sys.stdout.flush()
+    try:
+        saved, devnull = os.dup(1), os.open(os.devnull, os.O_WRONLY)
+    except OSError:  # no stdout to protect
+        return highspy.Highs()
+    try:
+        os.dup2(devnull, 1)
+        h = highspy.Highs()
+    finally:
+        os.dup2(saved, 1)
+        os.close(saved)
+        os.close(devnull)
+    _HIGHS_BANNER_SHOWN = True
+    return h
+
+
+_HIGHS_BANNER_SHOWN = False

@@ -101,10 +101,15 @@ class Record:
 
 @dataclass
 class ResultStore:
-    """Append-only JSON lines; ``path=None`` keeps results in memory only."""
+    """Append-only JSON lines; ``path=None`` keeps results in memory only.
+
+    ``retry_undecided``: stored TIMEOUT/ERROR/UNKNOWN answers read from ``path`` are not reused,
+    so every run using the store solves them again (``--retry-undecided``); the new answers are
+    appended and, being later lines, win when the file is read again."""
 
     path: Path | None = None
     records: dict[str, Record] = field(default_factory=dict)
+    retry_undecided: bool = False
 
     def __post_init__(self) -> None:
         if self.path is not None:
@@ -123,6 +128,11 @@ class ResultStore:
                         log.warning("skipping unreadable line %d of %s (a killed write?)", n + 1, self.path)
                         continue
                     self.records[rec.qid] = rec
+            if self.retry_undecided:
+                undecided = [q for q, r in self.records.items() if not r.result.verdict.decided]
+                for q in undecided:
+                    del self.records[q]
+                log.info("%s: %d stored undecided answers will be solved again", self.path, len(undecided))
 
     def __contains__(self, qid: object) -> bool:
         return qid in self.records

@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from phalanx.attacks import Attack, configure_attack
+from phalanx.attacks import Attack, configure_attack, create_attack
 from phalanx.data import DatasetSplits, Split
 from phalanx.ensembles import Ensemble
 from phalanx.ensembles.build import ModelConfig, build_ensemble
@@ -136,11 +136,20 @@ class EvaluationSpec:
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise PhalanxError(f"{key} must be an integer >= 1, got {v!r}")
         check_eps(self.diversity_eps)
+        # the card takes its transfer source from --surrogates; the other transfer options are blackbox-only
+        protocol = Protocol.parse(self.protocol)
+        accepted = {Protocol.BLACKBOX: {"--transfer-sets", "--surrogates", "--train-surrogates"},
+                    Protocol.CARD: {"--surrogates"}}.get(protocol, set())
+        wrong = [f for f, v in (("--transfer-sets", self.transfer_sets), ("--surrogates", self.surrogates),
+                                ("--train-surrogates", self.train_surrogates)) if v and f not in accepted]
+        if wrong:
+            raise PhalanxError(f"{', '.join(wrong)} do not apply to the {protocol.value} protocol; "
+                               "transfer options apply to blackbox (and --surrogates to card)")
         self.build_attacks()  # unknown names or bad settings fail here, before any work
 
     def build_attacks(self) -> dict[str, Attack]:
-        return {name: configure_attack(name, steps=self.steps, restarts=self.restarts, loss=self.loss,
-                                       **self.attack_params) for name in self.attacks}
+        return {name: configure_attack(name, self.attack_params, steps=self.steps, restarts=self.restarts,
+                                       loss=self.loss) for name in self.attacks}
 
 
 def _nonzero(eps: tuple[float, ...]) -> list[float]:
@@ -256,7 +265,10 @@ def _blackbox(spec: EvaluationSpec, ensemble: Ensemble, data: DatasetSplits, spl
         stored = _Split(sets["x"], sets["y"])
         eps_bb = [r["eps"] for r in scored["curve"] if r["eps"] > 0]
         if eps_bb:
-            wb = whitebox_evaluation(ensemble, stored, eps_bb, {n: a for n, a in list(attacks.items())[:1]},
+            # the alarm means "transfer beats white-box", so the white-box side must be strong:
+            # every configured attack and a reference PGD (50 steps of eps/5, 2 restarts; DVERGE eval_wbox)
+            reference = {**attacks, "pgd-50x2 (reference)": create_attack("pgd", steps=50, restarts=2)}
+            wb = whitebox_evaluation(ensemble, stored, eps_bb, reference,
                                      members=False, sanity=False, batch_size=spec.batch_size, generator=gen)
             scored["whitebox_curve"] = wb["worst_case"]
             for b, w in zip(scored["curve"][-len(eps_bb):], wb["worst_case"], strict=True):

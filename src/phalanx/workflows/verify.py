@@ -14,6 +14,7 @@ import numpy as np
 import torch
 
 from phalanx.errors import PhalanxError
+from phalanx.reports import scope_line
 from phalanx.verification.report import (
     plot_counterexamples,
     robust_markdown,
@@ -63,6 +64,12 @@ class VerifyConfig:
     retry_undecided: bool = False  # on resume, solve stored TIMEOUT/ERROR queries again
 
     def __post_init__(self) -> None:
+        from phalanx.types import check_eps, check_fields
+
+        check_fields(self, "verify")
+        self.eps = tuple(check_eps(e) for e in self.eps)
+        if not self.eps:
+            raise PhalanxError("verification needs at least one eps")
         if self.points < 1:
             raise PhalanxError(f"points must be >= 1, got {self.points}")
         if self.split not in ("val", "test"):
@@ -74,6 +81,10 @@ class VerifyConfig:
             raise PhalanxError(f"time limit must be > 0 s, got {self.time_limit_s}")
         if self.workers < 1:
             raise PhalanxError(f"workers must be >= 1, got {self.workers}")
+
+
+def _store(cfg: VerifyConfig, path: Path) -> ResultStore:
+    return ResultStore(path, retry_undecided=cfg.retry_undecided)
 
 
 def load_candidates(checkpoint: str | Path, data_dir: str | None = None) -> tuple[Any, Candidates, Any]:
@@ -112,17 +123,17 @@ def verify_pairs(checkpoint: str | Path, run_dir: Path, cfg: VerifyConfig, *, pr
     mem = _members(cfg, len(cands))
     _, y, pts = _agreement(cands, data, cfg)
     specs = pair_specs(mem, len(pts), cfg.eps, y.tolist(), subset_size=cfg.subset_size, runner_up=cfg.runner_up)
-    store = ResultStore(run_dir / "queries.jsonl")
+    store = _store(cfg, run_dir / "queries.jsonl")
     recs = run_queries(cands, pts, specs, backend=cfg.backend, options=cfg.backend_options,
                        time_limit_s=cfg.time_limit_s, workers=cfg.workers, store=store,
-                       progress=tqdm_progress("mutual-error queries", progress), retry_undecided=cfg.retry_undecided)
+                       progress=tqdm_progress("mutual-error queries", progress))
     table = ScoreTable.from_records(recs, mem, cfg.eps, len(pts)) if cfg.subset_size == 2 else None
     summary = verdict_summary(recs)
     comparison = attack_comparison(cands, recs, pts)
     out = {"config": asdict(cfg), "checkpoint": str(checkpoint), "agreement_points": len(pts),
            "summary": summary, "scores": table.to_json() if table else None, "attack_comparison": comparison}
     write_json(run_dir / "verify_pairs.json", out)
-    lines = [f"# phalanx verify pairs: {checkpoint}", "",
+    lines = [f"# phalanx verify pairs: {checkpoint}", "", scope_line(data.name, len(pts), f"agreement points ({cfg.split} split)"), "",
              f"{len(pts)} agreement points ({cfg.split} split), eps {list(cfg.eps)}, subsets of size "
              f"{cfg.subset_size} of members {list(mem)}, backend {cfg.backend}"
              f"{' (runner-up simplification: SAT only)' if cfg.runner_up else ''}.", "",
@@ -160,20 +171,25 @@ def verify_ensemble(checkpoint: str | Path, run_dir: Path, cfg: VerifyConfig, *,
     idx = torch.randperm(len(split), generator=gen)[:cfg.points]
     val = verified_robust_accuracy(cands, mem, split.x[idx], split.y[idx], cfg.eps, combiner=comb,
                                    backend=cfg.backend, options=cfg.backend_options, time_limit_s=cfg.time_limit_s,
-                                   workers=cfg.workers, store=ResultStore(run_dir / "queries.jsonl"),
+                                   workers=cfg.workers, store=_store(cfg, run_dir / "queries.jsonl"),
                                    progress=tqdm_progress("ensemble queries", progress), seed=cfg.seed)
     out = {"config": asdict(cfg), "checkpoint": str(checkpoint), "robustness": val}
     write_json(run_dir / "verify_ensemble.json", out)
-    (run_dir / "report.md").write_text(f"# phalanx verify ensemble: {checkpoint}\n\n{cfg.points} random test "
-                                       f"points, backend {cfg.backend}.\n\n{robust_markdown(val)}\n")
+    (run_dir / "report.md").write_text(f"# phalanx verify ensemble: {checkpoint}\n\n"
+                                       f"{scope_line(data.name, len(idx), 'random test points')} Backend "
+                                       f"{cfg.backend}.\n\n{robust_markdown(val)}\n")
     return out
 
 
 def select(checkpoint: str | Path, run_dir: Path, cfg: VerifyConfig, *, k: int, max_iters: int = 10,
            time_budget_s: float | None = None, initial: Sequence[int] | None = None, validate_points: int = 0,
-           combiner: str = "mean-logits", progress: bool = False) -> dict[str, Any]:
+           combiner: str | None = None, progress: bool = False) -> dict[str, Any]:
     """The iterative selection of section III-C on a checkpoint of n > k candidates, with a
-    report of every step, and (``validate_points > 0``) verified robust accuracy before/after."""
+    report of every step, and (``validate_points > 0``) verified robust accuracy before/after.
+
+    ``combiner`` is the rule validated (default: the checkpoint's when it can be encoded, else
+    mean-logits, which the report states); ``selected.pt`` keeps the checkpoint's combiner unless
+    ``combiner`` names another ensemble combiner."""
     from phalanx.ensembles import save_ensemble
     from phalanx.runs import write_json
 
@@ -181,32 +197,37 @@ def select(checkpoint: str | Path, run_dir: Path, cfg: VerifyConfig, *, k: int, 
     _, y, pts = _agreement(cands, data, cfg)
     scfg = SelectionConfig(k=k, eps=tuple(cfg.eps), backend=cfg.backend, backend_options=cfg.backend_options,
                            time_limit_s=cfg.time_limit_s, workers=cfg.workers, max_iters=max_iters,
-                           time_budget_s=time_budget_s, initial=tuple(initial) if initial is not None else None,
-                           retry_undecided=cfg.retry_undecided)
-    store = ResultStore(run_dir / "queries.jsonl")
+                           time_budget_s=time_budget_s, initial=tuple(initial) if initial is not None else None)
+    store = _store(cfg, run_dir / "queries.jsonl")
     res = select_members(cands, pts, y.tolist(), scfg, store=store, progress=tqdm_progress("selection", progress))
     out: dict[str, Any] = {"config": asdict(cfg), "k": k, "checkpoint": str(checkpoint), "agreement_points": len(pts),
                            "selection": res.to_json()}
-    lines = [f"# phalanx select: {checkpoint}", "", f"{len(cands)} candidates, k = {k}, {len(pts)} agreement "
+    lines = [f"# phalanx select: {checkpoint}", "", scope_line(data.name, len(pts), "agreement points (val split)"),
+             "", f"{len(cands)} candidates, k = {k}, {len(pts)} agreement "
              f"points, eps {list(cfg.eps)}, backend {cfg.backend}.", "", res.markdown(), "",
              "Initial ensemble:", "", res.initial_table.markdown(), "", "Final ensemble:", "",
              res.final_table.markdown(), ""]
+    source = ens.combiner.value
+    rule = combiner or "mean-logits"
     if validate_points > 0:
+        if rule != source:
+            lines += [f"Validation verifies the `{rule}` combination of the members; the checkpoint combines by "
+                      f"`{source}`, which cannot be encoded exactly.", ""]
         gen = torch.Generator().manual_seed(cfg.seed)
         idx = torch.randperm(len(data.test), generator=gen)[:validate_points]
         vx, vy = data.test.x[idx], data.test.y[idx]
-        vstore = ResultStore(run_dir / "validation.jsonl")
-        before = verified_robust_accuracy(cands, res.initial, vx, vy, cfg.eps, combiner=combiner,
-                                          backend=cfg.backend, time_limit_s=cfg.time_limit_s, workers=cfg.workers,
-                                          store=vstore, seed=cfg.seed)
-        after = verified_robust_accuracy(cands, res.final, vx, vy, cfg.eps, combiner=combiner,
-                                         backend=cfg.backend, time_limit_s=cfg.time_limit_s, workers=cfg.workers,
-                                         store=vstore, seed=cfg.seed)
-        out["validation"] = {"before": before, "after": after}
+        vstore = _store(cfg, run_dir / "validation.jsonl")
+        before, after = (verified_robust_accuracy(cands, members, vx, vy, cfg.eps, combiner=rule,
+                                                  backend=cfg.backend, options=cfg.backend_options,
+                                                  time_limit_s=cfg.time_limit_s, workers=cfg.workers, store=vstore,
+                                                  seed=cfg.seed)
+                         for members in (res.initial, res.final))
+        out["validation"] = {"combiner": rule, "before": before, "after": after}
         lines += ["## Validation on random test points", "", robust_markdown(before), "", robust_markdown(after), ""]
     from phalanx.ensembles import Ensemble
 
-    chosen = Ensemble([ens.members[i] for i in res.final], combiner if combiner != "majority" else "mean-logits")
+    keep = combiner if combiner is not None and combiner != "majority" else source
+    chosen = Ensemble([ens.members[i] for i in res.final], keep)
     save_ensemble(chosen, run_dir / "selected.pt", dataset=data.name)
     write_json(run_dir / "selection.json", out)
     (run_dir / "report.md").write_text("\n".join(lines))
