@@ -74,7 +74,8 @@ def test_random_linear_classifiers(seed: int, cn: int, n: int, eps: float) -> No
                 eps=eps, alpha=1.0, num_attacks=a, bounds=None, backend=backend, lemma2_shortcut=False,
                 time_limit_s=60))
             assert res.value == pytest.approx(want, abs=1e-6), (backend, a)
-            assert res.upper_bound == pytest.approx(want, abs=1e-6)
+            # a sound bound (never below the optimum), tight up to HiGHS's feasibility tolerance (1e-6)
+            assert want - 1e-9 <= res.upper_bound <= want + 1e-5, (backend, a, res.upper_bound)
             if want < 1.0:
                 assert res.verdict in (Verdict.ROBUST, Verdict.ROBUST_FOR_NUM_ATTACKS)
 
