@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from phalanx.config import EvalConfig, build_config
+from phalanx.config import build_config
 from phalanx.demo.attacks import stage_attacks
 from phalanx.demo.baseline import stage_train_baseline
 from phalanx.demo.card import stage_card
@@ -60,9 +60,6 @@ def run_demo(out_dir: str | Path, *, progress: bool = True, overrides: dict[str,
               f"validation / {len(ctx.data.test)} test images. Total time {ctx.timings['total']:.0f} s.", ""]
     (out / "report.md").write_text("\n".join(header + ctx.sections) + "\n")
     return ctx
-
-
-__all__ = ["DEMO_CONFIG", "STAGES", "DemoContext", "EvalConfig", "Stage", "run_demo"]
 
 
 __all__ = ["DEMO_CONFIG", "STAGES", "DemoContext", "Stage", "run_demo", "stage_attacks", "stage_card",
