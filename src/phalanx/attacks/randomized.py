@@ -22,6 +22,7 @@ from torch import Tensor, nn
 
 from phalanx.attacks.base import ATTACKS, Attack, check_inputs
 from phalanx.attacks.losses import attack_loss
+from phalanx.ensembles import expected_correct
 from phalanx.errors import PhalanxError
 from phalanx.types import Norm, ThreatModel
 
@@ -59,12 +60,6 @@ def expected_loss(model: nn.Module, x: Tensor, y: Tensor, loss: str = "ce", *, s
     draws = torch.multinomial(w.cpu().float(), b * samples, replacement=True, generator=generator)
     draws = draws.view(samples, b).to(per.device)
     return per.gather(0, draws).mean(0), out
-
-
-def expected_accuracy(model: nn.Module, x: Tensor, y: Tensor) -> Tensor:
-    from phalanx.ensembles import expected_correct
-
-    return expected_correct(model, x, y)
 
 
 def _dual(v: Tensor, norm: Norm) -> Tensor:
@@ -122,14 +117,18 @@ def closest_boundary(member: nn.Module, point: Tensor, norm: Norm, top_k: int | 
     return zeta, g, g2
 
 
-def arc(model: nn.Module, x: Tensor, y: Tensor, threat: ThreatModel, *, steps: int = 20, step_size: float = 1.0,
-        rand_init: bool = False, top_k: int | None = None, generator: torch.Generator | None = None) -> Tensor:
-    """ARC (Dbouk and Shanbhag 2022, alg. 1) on a randomized ensemble; ``step_size`` is the local
-    radius ``eta`` as a fraction of eps. Returns the point of lowest expected accuracy found."""
+def _require_randomized(model: nn.Module) -> None:
     if not is_randomized(model):
         comb = getattr(getattr(model, "combiner", None), "value", type(model).__name__)
         raise PhalanxError(f"ARC attacks randomized ensembles (combiner 'random'), got {comb!r}; "
                            "for a deterministic ensemble use mora, autoattack or pgd")
+
+
+def arc(model: nn.Module, x: Tensor, y: Tensor, threat: ThreatModel, *, steps: int = 20, step_size: float = 1.0,
+        rand_init: bool = False, top_k: int | None = None, generator: torch.Generator | None = None) -> Tensor:
+    """ARC (Dbouk and Shanbhag 2022, alg. 1) on a randomized ensemble; ``step_size`` is the local
+    radius ``eta`` as a fraction of eps. Returns the point of lowest expected accuracy found."""
+    _require_randomized(model)
     if threat.norm not in (Norm.LINF, Norm.L2):
         raise PhalanxError(f"ARC is defined for L-inf and L2 (as the reference), got {threat.norm.value!r}")
     ens: Any = model
@@ -147,7 +146,7 @@ def arc(model: nn.Module, x: Tensor, y: Tensor, threat: ThreatModel, *, steps: i
 
         delta_min = random_start(x, threat, generator) - x
     delta_min = _to_ball(delta_min, x, threat)
-    loss_min = expected_accuracy(model, x, y)  # as the reference, also with a random start
+    loss_min = expected_correct(model, x, y)  # as the reference, also with a random start
 
     def local_norm(d: Tensor) -> Tensor:
         flat = d.flatten(1)
@@ -166,12 +165,12 @@ def arc(model: nn.Module, x: Tensor, y: Tensor, threat: ThreatModel, *, steps: i
             hat = delta_local + _bv(beta, g) * g
             hat = beta_m * hat / _bv(local_norm(hat) + 1e-10, hat)
             d = _to_ball(delta_min + hat, x, threat)
-            new = expected_accuracy(model, x + d, y)
+            new = expected_correct(model, x + d, y)
             keep = new <= loss_local
             delta_local = torch.where(_bv(keep, x), hat, delta_local)
             loss_local = torch.minimum(loss_local, new)
         d = _to_ball(delta_min + delta_local, x, threat)
-        new = expected_accuracy(model, x + d, y)
+        new = expected_correct(model, x + d, y)
         keep = new <= loss_min
         delta_min = torch.where(_bv(keep, x), d, delta_min)
         loss_min = torch.minimum(loss_min, new)
@@ -202,8 +201,7 @@ class ArcAttack(Attack):
     def __call__(self, model: nn.Module, x: Tensor, y: Tensor, threat: ThreatModel, *,
                  generator: torch.Generator | None = None, target: Tensor | None = None) -> Tensor:
         check_inputs(model, x, y)
-        if not is_randomized(model):
-            arc(model, x, y, threat)  # raises the error naming the combiner
+        _require_randomized(model)
         x = x.detach()
         if threat.eps == 0:
             return x.clone()
@@ -216,5 +214,5 @@ def arc_attack(steps: int = 20, step_size: float = 1.0, rand_init: bool = False,
     return ArcAttack(steps=steps, step_size=step_size, rand_init=rand_init, top_k=top_k)
 
 
-__all__ = ["ArcAttack", "arc", "arc_attack", "check_samples", "closest_boundary", "expected_accuracy",
-           "expected_loss", "is_randomized"]
+__all__ = ["ArcAttack", "arc", "arc_attack", "check_samples", "closest_boundary", "expected_loss",
+           "is_randomized"]

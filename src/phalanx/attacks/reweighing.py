@@ -162,10 +162,8 @@ class MoraAttack(Attack):
         object.__setattr__(self, "scales", tuple(float(s) for s in self.scales))
         if self.mode is not None and self.mode not in MODES:
             raise PhalanxError(f"unknown MORA mode {self.mode!r}; accepted: {', '.join(MODES)}")
-        for key in ("n_iter",):
-            v = getattr(self, key)
-            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-                raise PhalanxError(f"{key} must be an integer >= 1, got {v!r}")
+        if isinstance(self.n_iter, bool) or not isinstance(self.n_iter, int) or self.n_iter < 1:
+            raise PhalanxError(f"n_iter must be an integer >= 1, got {self.n_iter!r}")
         v = self.n_target_classes
         if isinstance(v, bool) or not isinstance(v, int) or v < 0:
             raise PhalanxError(f"n_target_classes must be an integer >= 0, got {v!r}")
@@ -181,9 +179,8 @@ class MoraAttack(Attack):
     def __call__(self, model: nn.Module, x: Tensor, y: Tensor, threat: ThreatModel, *,
                  generator: torch.Generator | None = None, target: Tensor | None = None) -> Tensor:
         check_inputs(model, x, y)
-        mode = self.mode or mode_of(model)
-        if self.mode is not None:
-            mode_of(model)  # the same checks (ensemble of >= 2, deterministic)
+        model_mode = mode_of(model)  # also refuses single models and randomized ensembles
+        mode = self.mode or model_mode
         x = x.detach()
         if threat.eps == 0:
             return x.clone()

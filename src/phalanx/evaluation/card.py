@@ -17,10 +17,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from phalanx.attacks import Attack, create_attack
-from phalanx.data import Split, iterate_batches
-from phalanx.ensembles import expected_correct
-from phalanx.evaluation.clean import model_device
+from phalanx.attacks import Attack, create_attack, is_randomized
+from phalanx.data import Split
 from phalanx.evaluation.robustness import robust_correct
 from phalanx.evaluation.sanity import (
     SanityCheck,
@@ -50,7 +48,7 @@ def _registry_name(name: str) -> str:
 
 def card_attacks(model: nn.Module, *, quick: bool = False) -> dict[str, Attack]:
     """The card's white-box attacks for ``model``'s combiner (module docstring)."""
-    randomized = bool(getattr(model, "randomized", False))
+    randomized = is_randomized(model)
     members = getattr(model, "members", None)
     if randomized:
         names = ["pgd", "single-sample-pgd", "eot-pgd", "eot-apgd", "arc"]
@@ -58,25 +56,11 @@ def card_attacks(model: nn.Module, *, quick: bool = False) -> dict[str, Attack]:
         names = ["pgd", "autoattack"] + (["mora"] if members is not None and len(members) > 1 else [])
     out = {}
     for name in names:
-        kw: dict[str, Any] = {"steps": 50} if name in ("pgd", "eot-pgd", "single-sample-pgd") else {}
-        if name == "single-sample-pgd":
-            kw["samples"] = 1
+        kw: dict[str, Any] = {"samples": 1} if name == "single-sample-pgd" else {}
         if quick:
             kw.update(QUICK[name])
         out[name] = create_attack(_registry_name(name), **kw)
     return out
-
-
-def transfer_correct(model: nn.Module, source: nn.Module, split: Split, attack: Attack, threat: ThreatModel, *,
-                     batch_size: int = 500, generator: torch.Generator | None = None) -> Tensor:
-    """(N,) expected correctness of ``model`` on ``attack``'s examples made against ``source``."""
-    device = model_device(model)
-    out = []
-    for x, y in iterate_batches(split, batch_size):
-        x, y = x.to(device), y.to(device)
-        adv = attack(source, x, y, threat, generator=generator)
-        out.append(expected_correct(model, adv, y).cpu())
-    return torch.cat(out) if out else torch.zeros(0)
 
 
 def _acc(t: Tensor) -> float:
@@ -110,8 +94,8 @@ def robustness_card(model: nn.Module, split: Split, eps_list: Sequence[float], *
                                        progress=progress, desc=f"card {name} eps={eps:g}")
         for name, atk in transfer.items():
             assert source is not None
-            per[name] = transfer_correct(model, source, split, atk, threat, batch_size=batch_size,
-                                         generator=generator)
+            per[name] = robust_correct(model, split, atk, threat, batch_size=batch_size, generator=generator,
+                                       progress=progress, desc=f"card {name} eps={eps:g}", source=source)
         for name, ok in per.items():
             curves[name].append({"eps": eps, "accuracy": _acc(ok), "n": len(ok)})
         stack = torch.stack(list(per.values()))  # (A, N)
@@ -128,7 +112,7 @@ def robustness_card(model: nn.Module, split: Split, eps_list: Sequence[float], *
                 only[names[hits[0]]] += 1
         found.append({"eps": eps, "breaks": int(broken.sum()), "found_first_by": first, "only_by": only})
         if eps > 0:
-            flags += _masking_flags(per, eps, far_below, randomized=bool(getattr(model, "randomized", False)))
+            flags += _masking_flags(per, eps, far_below, randomized=is_randomized(model))
     for name, pts in [*curves.items(), ("worst case", worst)]:
         flags.append(check_monotone(name, [(p["eps"], p["accuracy"]) for p in pts]))
     nonzero = [e for e in eps_checked if e > 0]
@@ -142,7 +126,7 @@ def robustness_card(model: nn.Module, split: Split, eps_list: Sequence[float], *
         fam.setdefault("transfer" if name.startswith("transfer-") else FAMILIES.get(name, name), []).append(name)
     return {"protocol": "card", "eps": eps_checked, "n": len(split),
             "combiner": getattr(getattr(model, "combiner", None), "value", "single model"),
-            "randomized": bool(getattr(model, "randomized", False)), "quick": quick,
+            "randomized": is_randomized(model), "quick": quick,
             "attacks": {n: describe_attack(a) for n, a in atks.items()},
             "transfer": {"source": source_name if source is not None else None,
                          "attacks": {n: describe_attack(a) for n, a in transfer.items()}},
@@ -167,4 +151,4 @@ def _masking_flags(per: Mapping[str, Tensor], eps: float, gap: float, *, randomi
     return out
 
 
-__all__ = ["FAMILIES", "QUICK", "card_attacks", "robustness_card", "transfer_correct"]
+__all__ = ["FAMILIES", "QUICK", "card_attacks", "robustness_card"]

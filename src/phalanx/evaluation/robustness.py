@@ -28,9 +28,10 @@ class CurvePoint:
 
 def robust_correct(model: nn.Module, split: Split, attack: Attack, threat: ThreatModel, *,
                    batch_size: int = 500, generator: torch.Generator | None = None,
-                   progress: bool = False, desc: str = "") -> torch.Tensor:
+                   progress: bool = False, desc: str = "", source: nn.Module | None = None) -> torch.Tensor:
     """(N,) float: whether the model still classifies each example correctly after ``attack``
-    (0 or 1), or for a randomized ensemble the exact probability of it over the draw."""
+    (0 or 1), or for a randomized ensemble the exact probability of it over the draw. With
+    ``source`` the examples are made against it and transferred to ``model`` (black-box)."""
     device = model_device(model)
     out = []
     batches = iterate_batches(split, batch_size)
@@ -40,7 +41,7 @@ def robust_correct(model: nn.Module, split: Split, attack: Attack, threat: Threa
         batches = tqdm(batches, total=-(-len(split) // batch_size), desc=desc or attack.name, leave=False)
     for x, y in batches:
         x, y = x.to(device), y.to(device)
-        adv = attack(model, x, y, threat, generator=generator)
+        adv = attack(model if source is None else source, x, y, threat, generator=generator)
         out.append(expected_correct(model, adv, y).cpu())
     return torch.cat(out) if out else torch.zeros(0)
 
