@@ -95,3 +95,29 @@ def test_evaluate_surrogates_keep_both(two_runs, capsys, tmp_path) -> None:
     assert code == 0, err
     bb = json.loads((tmp_path / "ev" / "results.json").read_text())["results"]["blackbox"]
     _check_two_sources(bb, a, b)
+
+
+def test_randomized_ensemble_scores_its_expected_accuracy_over_the_draw() -> None:
+    """A randomized ensemble's black-box accuracy is the exact probability of a correct answer,
+    not the accuracy of its most likely answer (here 0.7, where the mode is always right)."""
+    import torch
+
+    from phalanx.ensembles import Ensemble
+    from phalanx.evaluation import score_transfer_sets
+
+    class Const(torch.nn.Module):
+        def __init__(self, k: int) -> None:
+            super().__init__()
+            self.k = k
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return torch.nn.functional.one_hot(torch.full((x.shape[0],), self.k), 3).float()
+
+    ens = Ensemble([Const(0), Const(1)], "random", [0.7, 0.3])
+    x, y = torch.zeros(4, 2), torch.zeros(4, dtype=torch.long)
+    sets = {"x": x, "y": y, "adv": {"0.1": {"A/e.pt/pgd": x + 0.1, "B/e.pt/pgd": x - 0.1}}}
+    bb = score_transfer_sets(ens, sets)
+    assert bb["clean_accuracy"] == pytest.approx(0.7)
+    row = bb["per_eps"][0]
+    assert row["accuracy"] == pytest.approx(0.7) and row["per_source"] == pytest.approx({"A/e.pt": 0.7, "B/e.pt": 0.7})
+    assert row["accuracy_among_clean_correct"] == pytest.approx(1.0)

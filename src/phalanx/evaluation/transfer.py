@@ -23,7 +23,7 @@ from torch import Tensor, nn
 from phalanx.attacks import Attack, create_attack
 from phalanx.data import Split, iterate_batches
 from phalanx.data.files import file_digest
-from phalanx.ensembles import load_ensemble, safe_load
+from phalanx.ensembles import expected_correct, load_ensemble, safe_load
 from phalanx.errors import PhalanxError
 from phalanx.evaluation.clean import model_device
 from phalanx.types import Norm, ThreatModel, check_eps
@@ -163,7 +163,10 @@ def load_transfer_sets(path: str | Path) -> dict[str, Any]:
 
 def score_transfer_sets(model: nn.Module, sets: Mapping[str, Any] | str | Path, *,
                         batch_size: int = 500) -> dict[str, Any]:
-    """All-or-nothing black-box accuracy per eps and per source (DVERGE eval_bbox)."""
+    """All-or-nothing black-box accuracy per eps and per source (DVERGE eval_bbox): an example
+    counts only if it is classified correctly on every set. For a randomized ensemble each
+    example counts with its exact probability of being correct over the draw, the lowest over
+    the sets (:func:`phalanx.ensembles.expected_correct`)."""
     data = load_transfer_sets(sets) if isinstance(sets, (str, Path)) else sets
     device = model_device(model)
     y = data["y"]
@@ -171,13 +174,12 @@ def score_transfer_sets(model: nn.Module, sets: Mapping[str, Any] | str | Path, 
         raise PhalanxError(f"the model expects inputs {tuple(getattr(model, 'in_shape', ()))}, "
                            f"the transfer sets hold {tuple(data['x'].shape[1:])}")
 
-    @torch.no_grad()
     def correct(x: Tensor) -> Tensor:
-        out = [(model(xb.to(device)).argmax(-1).cpu() == yb) for xb, yb in iterate_batches(Split(x, y), batch_size)]
-        return torch.cat(out)
+        return torch.cat([expected_correct(model, xb.to(device), yb.to(device)).cpu()
+                          for xb, yb in iterate_batches(Split(x, y), batch_size)])
 
     clean = correct(data["x"])
-    n, n_clean = len(y), int(clean.sum())
+    n, n_clean = len(y), float(clean.sum())
     rows: list[dict[str, Any]] = []
     for eps, by_set in data["adv"].items():
         every = clean.clone()
@@ -185,19 +187,19 @@ def score_transfer_sets(model: nn.Module, sets: Mapping[str, Any] | str | Path, 
         per_set = {}
         for name, adv in by_set.items():
             ok = correct(adv)
-            per_set[name] = float(ok.float().mean())
+            per_set[name] = float(ok.mean())
             src = source_of(name)
-            per_source[src] = per_source.get(src, torch.ones_like(ok)) & ok
-            every &= ok
-        rows.append({"eps": float(eps), "accuracy": float(every.float().mean()), "n": n,
-                     "accuracy_among_clean_correct": float(every.sum()) / max(n_clean, 1),
-                     "per_source": {k: float(v.float().mean()) for k, v in per_source.items()},
+            per_source[src] = torch.minimum(per_source.get(src, ok), ok)
+            every = torch.minimum(every, ok)
+        rows.append({"eps": float(eps), "accuracy": float(every.mean()), "n": n,
+                     "accuracy_among_clean_correct": float(every.sum()) / n_clean if n_clean > 0 else 0.0,
+                     "per_source": {k: float(v.mean()) for k, v in per_source.items()},
                      "per_set": per_set})
     rows.sort(key=lambda r: float(r["eps"]))
     stored = data.get("sources") or {}
     names = dict.fromkeys(source_of(k) for by_set in data["adv"].values() for k in by_set)
     sources = [{"label": s, **stored.get(s, {})} for s in names]
-    return {"protocol": "blackbox", "n": n, "clean_accuracy": float(clean.float().mean()), "sources": sources,
+    return {"protocol": "blackbox", "n": n, "clean_accuracy": float(clean.mean()), "sources": sources,
             "curve": [{"eps": r["eps"], "accuracy": r["accuracy"], "n": n} for r in rows], "per_eps": rows}
 
 
