@@ -132,6 +132,8 @@ def test_spec_rejects_bad_input():
         EvaluationSpec(eps=(-0.1,))
     with pytest.raises(PhalanxError, match="unknown loss 'l9'"):
         EvaluationSpec(loss="l9")
+    with pytest.raises(PhalanxError, match="card transfers from one standard ensemble: give one --surrogates checkpoint, got 2"):
+        EvaluationSpec(protocol="card", surrogates=("a.pt", "b.pt"))
 
 
 def test_demo_stage_adds_curves_and_heat_map(cnn_ensemble, digits, tmp_path):

@@ -145,6 +145,9 @@ class EvaluationSpec:
         if wrong:
             raise PhalanxError(f"{', '.join(wrong)} do not apply to the {protocol.value} protocol; "
                                "transfer options apply to blackbox (and --surrogates to card)")
+        if protocol is Protocol.CARD and len(self.surrogates) > 1:
+            raise PhalanxError("the card transfers from one standard ensemble: give one --surrogates checkpoint, "
+                               f"got {len(self.surrogates)}")
         self.build_attacks()  # unknown names or bad settings fail here, before any work
 
     def build_attacks(self) -> dict[str, Attack]:
@@ -197,11 +200,11 @@ def run_evaluation(spec: EvaluationSpec, ensemble: Ensemble, data: DatasetSplits
 
 def _card_source(spec: EvaluationSpec, ensemble: Ensemble, data: DatasetSplits, run_dir: str | Path | None,
                  progress: bool) -> tuple[Ensemble, str]:
-    """The card's transfer source: the first ``--surrogates`` checkpoint, else a standard
+    """The card's transfer source: the ``--surrogates`` checkpoint, else a standard
     ensemble of the same architecture trained here (saved in the run folder)."""
     device = model_device(ensemble)
     if spec.surrogates:
-        models, ids = load_surrogates(spec.surrogates[:1], map_location=device)
+        models, ids = load_surrogates(spec.surrogates, map_location=device)
         label = next(iter(models))
         return models[label], f"{label} (sha256 {ids[label]['sha256'][:12]})"  # type: ignore[return-value]
     src = standard_ensemble(ensemble, data, epochs=spec.surrogate_epochs, seed=1000 + spec.seed,
