@@ -87,6 +87,11 @@ def test_vote_gradient_is_the_soft_vote_and_no_tie_rule_is_an_error():
     members = [torch.nn.Linear(4, 3), torch.nn.Linear(4, 3)]
     with pytest.raises(PhalanxError, match=r"combiner 'vote' with 2 members .* can tie; give a tie rule: 'vote-prob'"):
         Ensemble(members, "vote")
+    ens = Ensemble(members)  # a loaded ensemble given another combiner (train --init) is checked too
+    with pytest.raises(PhalanxError, match=r"combiner 'vote' with 2 members .* can tie"):
+        ens.combiner = "vote"
+    ens.combiner = "vote-index"
+    assert ens.combiner is Combiner.VOTE_INDEX
 
 
 def test_randomized_ensemble_reports_the_exact_expected_accuracy():

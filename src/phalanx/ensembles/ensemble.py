@@ -139,14 +139,26 @@ class Ensemble(nn.Module):
         if len(members) < 1:
             raise PhalanxError("an ensemble needs at least one member")
         self.members = nn.ModuleList(members)
-        self.combiner = Combiner.parse(combiner)
         self._check_compatible()
+        self.combiner = combiner  # validated by the setter
         self.register_buffer("weights", check_weights(weights, len(members), self.combiner), persistent=False)
-        if self.combiner is Combiner.VOTE and vote_can_tie(len(members), self.num_classes):
+
+    @property
+    def combiner(self) -> Combiner:
+        """How member outputs are combined. Assigning it (also after construction, e.g. when a
+        loaded ensemble is fine-tuned with another combiner) validates it: a plain ``vote`` that
+        can tie is refused."""
+        return self._combiner
+
+    @combiner.setter
+    def combiner(self, value: Combiner | str) -> None:
+        comb = Combiner.parse(value)
+        if comb is Combiner.VOTE and vote_can_tie(len(self.members), self.num_classes):
             raise PhalanxError(
-                f"combiner 'vote' with {len(members)} members and {self.num_classes or 'unknown'} classes can tie; "
-                "give a tie rule: 'vote-prob' (the larger mean member probability wins) or 'vote-index' "
+                f"combiner 'vote' with {len(self.members)} members and {self.num_classes or 'unknown'} classes can "
+                "tie; give a tie rule: 'vote-prob' (the larger mean member probability wins) or 'vote-index' "
                 "(the smaller class index wins)")
+        self._combiner = comb
 
     def _check_compatible(self) -> None:
         shapes = {tuple(getattr(m, "in_shape", ())) for m in self.members}
