@@ -201,6 +201,14 @@ class Ensemble(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         return self.combine(self.member_logits(x))
 
+    def correct_probability(self, member_logits: Tensor, y: Tensor) -> Tensor:
+        """(B,) probability that the ensemble answers ``y`` from (M, B, K) member logits: exactly
+        ``sum_m w_m [argmax z_m = y]`` for a randomized ensemble (the expectation over the draw,
+        not one sample), else 0 or 1 for the combined output's argmax."""
+        if self.randomized:
+            return draw_probabilities(member_logits, self.weights).gather(-1, y[:, None]).squeeze(-1)
+        return (self.combine(member_logits).argmax(-1) == y).to(member_logits.dtype)
+
     def predict(self, x: Tensor) -> Tensor:
         return self.forward(x).argmax(-1)
 
@@ -238,10 +246,9 @@ def check_weights(weights: Sequence[float] | Tensor | None, members: int, combin
 
 
 def expected_correct(model: nn.Module, x: Tensor, y: Tensor) -> Tensor:
-    """(B,) probability that ``model`` answers ``y``: exactly ``sum_m w_m [argmax z_m = y]`` for
-    a randomized ensemble (the expectation over the draw, not one sample), else 0 or 1."""
+    """(B,) probability that ``model`` answers ``y`` (:meth:`Ensemble.correct_probability`; 0 or 1
+    for any other model)."""
     with torch.no_grad():
-        if getattr(model, "randomized", False):
-            z = model.member_logits(x)  # type: ignore[operator]
-            return draw_probabilities(z, model.weights).gather(-1, y[:, None]).squeeze(-1)  # type: ignore[arg-type]
+        if isinstance(model, Ensemble):
+            return model.correct_probability(model.member_logits(x), y)
         return (model(x).argmax(-1) == y).to(torch.float32)

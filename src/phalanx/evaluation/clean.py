@@ -7,7 +7,7 @@ from typing import Any
 import torch
 
 from phalanx.data import Split, iterate_batches
-from phalanx.ensembles import Ensemble, draw_probabilities
+from phalanx.ensembles import Ensemble
 
 
 def model_device(model: torch.nn.Module) -> torch.device:
@@ -30,10 +30,7 @@ def evaluate_clean(ensemble: Ensemble, split: Split, batch_size: int = 500) -> d
     for x, y in iterate_batches(split, batch_size):
         x, y = x.to(device), y.to(device)
         logits = ensemble.member_logits(x)
-        if ensemble.randomized:
-            correct += draw_probabilities(logits, ensemble.weights).gather(-1, y[:, None]).sum().double().cpu()
-        else:
-            correct += (ensemble.combine(logits).argmax(-1) == y).sum().double().cpu()
+        correct += ensemble.correct_probability(logits, y).sum().double().cpu()
         mpred = logits.argmax(-1)
         member_correct += (mpred == y).sum(1).cpu()
         agree += (mpred == mpred[:1]).all(0).sum().cpu()
