@@ -290,3 +290,18 @@ def test_importable_without_optional_backends(tiny_mlp_pair, digits, monkeypatch
         create_verifier("smt").verify(q, time_limit_s=5)
     with pytest.raises(PhalanxError, match=r"phalanx\[marabou\]"):
         create_verifier("marabou").verify(q, time_limit_s=5)
+
+
+def test_ensemble_kind_names_the_way_for_every_combiner() -> None:
+    from phalanx.verification.query import QueryKind
+    from phalanx.verification.selection import ensemble_kind
+
+    assert ensemble_kind("mean-logits") is QueryKind.MEAN_LOGITS
+    assert ensemble_kind("vote") is ensemble_kind("majority") is QueryKind.MAJORITY
+    for comb in ("vote-prob", "vote-index"):
+        with pytest.raises(PhalanxError, match=rf"{comb}.*verified as 'majority'.*--combiner majority"):
+            ensemble_kind(comb)
+    with pytest.raises(PhalanxError, match="randomized-attack"):
+        ensemble_kind("random")
+    with pytest.raises(PhalanxError, match="'mean-prob' cannot be verified exactly"):
+        ensemble_kind("mean-prob")

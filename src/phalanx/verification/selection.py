@@ -183,6 +183,12 @@ def ensemble_kind(combiner: str) -> QueryKind:
         return QueryKind.MEAN_LOGITS
     if c in ("majority", "vote", "majority-vote"):
         return QueryKind.MAJORITY
+    if c in ("vote-prob", "vote-index"):
+        raise PhalanxError(f"combiner {c!r} (a vote with a tie rule) is verified as 'majority', a strict majority of "
+                           "votes for the label, which is sufficient under any tie rule: give --combiner majority")
+    if c == "random":
+        raise PhalanxError("combiner 'random' (one member drawn per query) is not one network to verify; randomized "
+                           "ensembles are attacked and verified by `phalanx randomized-attack` (Gross et al.)")
     raise PhalanxError(
         f"combiner {c!r} cannot be verified exactly: the mean (or max) of softmax probabilities is not piecewise "
         "linear, so no MILP/SMT/Marabou encoding is exact; accepted: mean-logits, majority (verify the members "
