@@ -203,13 +203,14 @@ def _load_cifar(name: str, data_dir: Path | None, seed: int, val_fraction: float
                  if all((d / f).is_file() for f in needed)), None)
     if base is None:
         archive = root / name / url.rsplit("/", 1)[1]
-        if not archive.is_file() and download:
+        if archive.is_file():  # placed there by someone: verified like a download before unpacking
+            files.verify_archive(archive, md5, url)
+        elif download:
             try:
-                files.download(url, archive, md5, timeout_s=60)
+                files.download(url, archive, md5, timeout_s=60)  # lands only once its checksum matches
             except Exception as exc:  # network down, checksum mismatch, permissions
                 files.log.warning("download of %s failed: %s", url, exc)
-        if archive.is_file():  # downloaded just now or placed there: verified before unpacking
-            files.verify_archive(archive, md5, url)
+        if archive.is_file():
             files.extract_tar(archive, root / name)
             if all((root / name / folder / f).is_file() for f in needed):
                 base = root / name / folder
