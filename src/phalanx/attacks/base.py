@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping
+from typing import ClassVar
 
 import torch
 from torch import Tensor, nn
@@ -22,6 +23,8 @@ class Attack(ABC):
     """
 
     name: str = "attack"
+    #: True for attacks defined only on ensembles (MORA, ARC): they cannot attack one member alone
+    ensemble_only: ClassVar[bool] = False
 
     @abstractmethod
     def __call__(self, model: nn.Module, x: Tensor, y: Tensor, threat: ThreatModel, *,

@@ -182,7 +182,7 @@ class ArcAttack(Attack):
     """ARC for randomized ensembles; see :func:`arc`. ``top_k`` None searches all C - 1
     hyperplanes (reference ``g = -1``), else the ``top_k - 1`` runner-ups (ARC-lite)."""
 
-    ensemble_only: ClassVar[bool] = True  # members alone cannot be attacked with it
+    ensemble_only: ClassVar[bool] = True
     name: str = "arc"
     steps: int = 20
     step_size: float = 1.0

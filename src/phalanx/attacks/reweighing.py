@@ -148,7 +148,7 @@ class MoraAttack(Attack):
     ``float_dis`` None takes the mode's published value. An example is robust only if it
     survives every pass; a break is judged by the ensemble's own combiner."""
 
-    ensemble_only: ClassVar[bool] = True  # members alone cannot be attacked with it
+    ensemble_only: ClassVar[bool] = True
     name: str = "mora"
     mode: str | None = None
     n_iter: int = 100

@@ -56,7 +56,7 @@ def whitebox_evaluation(model: nn.Module, split: Split, eps_list: Sequence[float
     mods = getattr(model, "members", None)
     if members and mods is not None and len(mods) > 1:
         # the first attack defined on single models (MORA and ARC need an ensemble), else PGD
-        atk = member_attack or next((a for a in attacks.values() if not getattr(a, "ensemble_only", False)), pgd())
+        atk = member_attack or next((a for a in attacks.values() if not a.ensemble_only), pgd())
         for i, member in enumerate(mods):
             pts = []
             for eps in eps_checked:
