@@ -22,10 +22,11 @@ BUDGETS: dict[str, dict[str, object]] = {
     "autoattack": {"n_iter": 5, "n_target_classes": 2, "n_queries": 20, "fab_iter": 5},
     "signhunter": {"n_queries": 30},
     "mora": {"n_iter": 5, "n_target_classes": 2, "scales": (0.5, 1.0)}, "arc": {"steps": 3},
-    "eot-pgd": {"steps": 5}, "eot-apgd": {"n_iter": 5},
+    "eot-pgd": {"steps": 5, "samples": 3}, "eot-apgd": {"n_iter": 5},
 }
-#: attacks defined only for randomized ensembles run on the same members with the 'random' combiner
-RANDOMIZED_ONLY = {"arc"}
+#: attacks for randomized ensembles run on the same members with the 'random' combiner (ARC is
+#: defined only there; on a deterministic model the EOT attacks are plain PGD / APGD)
+RANDOMIZED_ONLY = {"arc", "eot-pgd", "eot-apgd"}
 NAMES = ATTACKS.names()
 EPS = 0.2
 
