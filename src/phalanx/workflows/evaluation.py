@@ -76,7 +76,6 @@ def standard_ensemble(ensemble: Ensemble, data: DatasetSplits, *, epochs: int = 
                          progress=progress)
 
 
-
 class Protocol(str, enum.Enum):
     WHITEBOX = "whitebox"
     BLACKBOX = "blackbox"
