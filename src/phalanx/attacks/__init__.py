@@ -1,5 +1,6 @@
-"""Attacks: one gradient loop (FGSM, R-FGSM, BIM, PGD, MIM, M-DI2-FGSM, SGM, joint G.A. 1-3),
-feature distillation, AutoAttack, SignHunter, and a registry.
+"""Attacks: one gradient loop (FGSM, R-FGSM, BIM, PGD, MIM, M-DI2-FGSM, SGM, joint G.A. 1-3,
+EOT-PGD), feature distillation, AutoAttack (and EOT-APGD), MORA for ensembles, ARC for randomized
+ensembles, Square, SignHunter, and a registry.
 
 Every public name here is the object it names (``autoattack`` is the AutoAttack factory; the
 module holding it is :mod:`phalanx.attacks.parameter_free`): no submodule shares a public name."""
