@@ -12,7 +12,7 @@ from phalanx.models import MODELS, create_model
 from phalanx.training import METHODS, TrainConfig, TrainingMethod, create_method, fit
 from phalanx.types import Norm, ThreatModel
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 _moved.install()  # old import paths of the 0.2 layout, with a DeprecationWarning
 
