@@ -19,7 +19,7 @@ import click
 from phalanx.errors import PhalanxError
 
 #: modules under phalanx.cli that define ``register(group)``; each adds its subcommands
-COMMAND_MODULES = ("commands", "attack", "randomized", "verify")
+COMMAND_MODULES = ("commands", "attack", "randomized", "verify", "sweep")
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})

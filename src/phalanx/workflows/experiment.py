@@ -20,6 +20,7 @@ from phalanx.evaluation import evaluate_clean, robust_accuracy_curve
 from phalanx.reports import curves_table, pct, plot_accuracy_curves, plot_training_history, table
 from phalanx.runs import environment, write_json, write_results
 from phalanx.training import FitResult, create_method, fit, resolve_device
+from phalanx.training.loop import Callback
 
 log = logging.getLogger(__name__)
 
@@ -29,8 +30,10 @@ def load_data(cfg: DataConfig) -> DatasetSplits:
 
 
 def train_run(cfg: RunConfig, run_dir: Path, *, resume: bool = False, progress: bool = True,
-              init: Ensemble | None = None, data: DatasetSplits | None = None) -> tuple[Ensemble, FitResult, DatasetSplits]:
-    """Train per ``cfg`` into ``run_dir`` (config.json, environment.json, checkpoints, metrics)."""
+              init: Ensemble | None = None, data: DatasetSplits | None = None,
+              callback: Callback | None = None) -> tuple[Ensemble, FitResult, DatasetSplits]:
+    """Train per ``cfg`` into ``run_dir`` (config.json, environment.json, checkpoints, metrics);
+    ``callback`` is passed to :func:`~phalanx.training.fit` (e.g. evaluations at chosen epochs)."""
     data = data if data is not None else load_data(cfg.data)
     resolved = cfg.to_dict()
     if resume:
@@ -56,7 +59,8 @@ def train_run(cfg: RunConfig, run_dir: Path, *, resume: bool = False, progress: 
         raise PhalanxError(f"ensemble expects inputs {ensemble.in_shape} with {ensemble.num_classes} classes; "
                            f"dataset {data.name!r} has {data.in_shape} with {data.num_classes}")
     method = create_method(cfg.method.name, **cfg.method.options)
-    result = fit(ensemble, method, data, cfg.train, run_dir=run_dir, resume=resume, progress=progress)
+    result = fit(ensemble, method, data, cfg.train, run_dir=run_dir, resume=resume, progress=progress,
+                 callback=callback)
     return ensemble, result, data
 
 
