@@ -233,9 +233,12 @@ def parse_sweep_spec(tree: dict[str, Any], *, name: str = "sweep") -> SweepSpec:
             raise PhalanxError(f"[method.{label}] must be a table")
         _unknown(f"[method.{label}]", m, METHOD_KEYS)
         mname = m.get("name", label)
-        METHODS.get(mname)  # unknown method names fail here
         options = {**base.get("method", {}), **m.get("options", {})}
-        create_method(mname, **options)  # unknown or bad options fail here
+        try:
+            METHODS.get(mname)
+            create_method(mname, **options)  # unknown names, unknown or bad options fail here
+        except PhalanxError as exc:
+            raise PhalanxError(f"[method.{label}]: {exc}") from None
         sets = m.get("set", {})
         if not isinstance(sets, dict):
             raise PhalanxError(f"[method.{label}].set must be a table of section.key = value")
