@@ -78,9 +78,9 @@ def run_cell(cell: dict[str, Any], cell_dir: str, evaluations: list[dict[str, An
     """Train one cell into ``cell_dir`` (resuming from its checkpoint when there is one) and run
     the evaluations at each of ``cell['eval_epochs']``. Module-level so that engines can ship it
     to another process. Returns the JSON-ready cell result (the driver writes it)."""
-    from phalanx.cli.config import build_config
+    from phalanx.config import build_config
     from phalanx.ensembles import load_ensemble
-    from phalanx.experiment import load_data, train_run
+    from phalanx.workflows.experiment import load_data, train_run
 
     t0 = time.perf_counter()
     run_dir = Path(cell_dir)
@@ -104,7 +104,7 @@ def run_cell(cell: dict[str, Any], cell_dir: str, evaluations: list[dict[str, An
         write_json(evals_dir / f"epoch-{payload['epoch']}.json", res)
 
     # the callback needs the ensemble that train_run builds: build it here and pass it in
-    from phalanx.experiment import build_ensemble
+    from phalanx.ensembles.build import build_ensemble
 
     ensemble = init if init is not None else build_ensemble(cfg.model, data, seed=cfg.train.seed)
     ensemble_ref = [ensemble]

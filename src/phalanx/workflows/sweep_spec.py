@@ -286,7 +286,7 @@ def parse_sweep_spec(tree: dict[str, Any], *, name: str = "sweep") -> SweepSpec:
         why = ("no [method.*] tables" if not methods else "sweep.seeds is empty" if not seeds
                else f"grid axis {empty[0]!r} is empty" if empty else "nothing selected")
         raise PhalanxError(f"the sweep expands to zero cells ({why})")
-    from phalanx.cli.config import build_config
+    from phalanx.config import build_config
 
     for c in cells:
         try:
