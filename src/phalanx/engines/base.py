@@ -11,6 +11,7 @@ from __future__ import annotations
 import enum
 import time
 import traceback
+import uuid
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -39,6 +40,23 @@ class Task:
             raise PhalanxError(f"task {self.key!r}: cpus and gpus must be >= 0, got {self.cpus}, {self.gpus}")
 
 
+@dataclass(frozen=True)
+class Setup:
+    """Per-process preparation shared by the tasks of one ``run``: ``fn(*args, **kwargs)`` is called
+    once in every process that runs some of those tasks, before the first of them (again in a
+    process that replaces a killed one). ``fn`` keeps what it builds in module state, where the
+    tasks' functions find it; the payload (models, data) thus travels once per process, not once
+    per task. ``token`` tells one run's setup from another's."""
+
+    fn: Callable[..., Any]
+    args: tuple[Any, ...] = ()
+    kwargs: dict[str, Any] = field(default_factory=dict)
+    token: str = field(default_factory=lambda: uuid.uuid4().hex)
+
+    def __call__(self) -> None:
+        self.fn(*self.args, **self.kwargs)
+
+
 class Status(str, enum.Enum):
     DONE = "done"
     FAILED = "failed"  # the task raised
@@ -62,13 +80,14 @@ class Outcome:
 
 
 class Engine(Protocol):
-    """``run`` yields one outcome per task, in completion order, and returns when all are done.
-    Engines are context managers; ``close`` releases workers."""
+    """``run`` yields one outcome per task, in completion order, and returns when all are done;
+    ``setup`` (optional) prepares every process that runs tasks of this run. Engines are context
+    managers; ``close`` releases workers."""
 
     name: str
     workers: int
 
-    def run(self, tasks: Iterable[Task]) -> Iterator[Outcome]: ...
+    def run(self, tasks: Iterable[Task], setup: Setup | None = None) -> Iterator[Outcome]: ...
 
     def close(self) -> None: ...
 
@@ -77,13 +96,34 @@ class Engine(Protocol):
     def __exit__(self, *exc: object) -> None: ...
 
 
+def _one_line(exc: BaseException) -> str:
+    return (f"{type(exc).__name__}: {exc}".splitlines() or [type(exc).__name__])[0]
+
+
+def run_setup(setup: Setup | None) -> Outcome | None:
+    """Call ``setup`` here; ``None`` when it succeeded (or there is none), else a FAILED outcome
+    (key ``"setup"``) that the engine reports for every task it cannot run."""
+    if setup is None:
+        return None
+    try:
+        setup()
+    except Exception as exc:  # the engine boundary records every failure
+        return Outcome("setup", Status.FAILED, error=f"setup failed: {_one_line(exc)}", detail=traceback.format_exc())
+    return None
+
+
+def failed_as(task: Task, setup_failure: Outcome) -> Outcome:
+    """The outcome of ``task`` that could not run because its process's setup failed."""
+    return Outcome(task.key, Status.FAILED, error=setup_failure.error, detail=setup_failure.detail)
+
+
 def execute(task: Task) -> Outcome:
     """Run one task in this process, turning an exception into a FAILED outcome."""
     t0, c0 = time.perf_counter(), time.process_time()
     try:
         value = task.fn(*task.args, **task.kwargs)
     except Exception as exc:  # the engine boundary records every failure
-        return Outcome(task.key, Status.FAILED, error=f"{type(exc).__name__}: {exc}".splitlines()[0],
+        return Outcome(task.key, Status.FAILED, error=_one_line(exc),
                        detail=traceback.format_exc(), wall_s=time.perf_counter() - t0,
                        cpu_s=time.process_time() - c0)
     return Outcome(task.key, Status.DONE, value=value, wall_s=time.perf_counter() - t0,
@@ -99,9 +139,10 @@ class SerialEngine:
     def __init__(self, workers: int = 1, **_: Any) -> None:
         self.workers = 1
 
-    def run(self, tasks: Iterable[Task]) -> Iterator[Outcome]:
+    def run(self, tasks: Iterable[Task], setup: Setup | None = None) -> Iterator[Outcome]:
+        failure = run_setup(setup)
         for task in tasks:
-            yield execute(task)
+            yield execute(task) if failure is None else failed_as(task, failure)
 
     def close(self) -> None:
         pass
