@@ -3,6 +3,7 @@ Ray). See :mod:`phalanx.engines.base` for the contract."""
 
 from phalanx.engines.base import ENGINES, Engine, Outcome, SerialEngine, Setup, Status, Task, create_engine, execute
 from phalanx.engines.local import LocalEngine
+from phalanx.engines.ray import RayEngine
 
-__all__ = ["ENGINES", "Engine", "LocalEngine", "Outcome", "SerialEngine", "Setup", "Status", "Task", "create_engine",
+__all__ = ["ENGINES", "Engine", "LocalEngine", "RayEngine", "Outcome", "SerialEngine", "Setup", "Status", "Task", "create_engine",
            "execute"]
