@@ -329,3 +329,18 @@ def test_folder_grows_with_more_seeds(tmp_path) -> None:
     two = write_spec(tmp_path, (tmp_path / "spec.toml").read_text().replace("seeds = [0]", "seeds = [0, 1]"),
                      "two.toml")
     assert run_sweep(two, folder, engine="serial", progress=False).ran == ["baseline-seed1"]
+
+
+def test_cli_status_dry_run_and_resume_from_the_folder(killed_and_resumed, capsys) -> None:
+    from conftest import run_cli
+
+    folder, spec = killed_and_resumed[0], killed_and_resumed[1]
+    code, out, _ = run_cli(["sweep", str(folder), "--status"], capsys)
+    assert code == 0 and out.startswith(f"{folder}: 8/8 done, 0 running, 0 pending, 0 failed, 0 skipped; ETA 0m00s")
+    code, out, _ = run_cli(["sweep", str(spec), "--dry-run"], capsys)
+    assert code == 0 and out.splitlines()[0] == "sweep grid: 8 cells, evaluations: wb"
+    assert "  adp-seed1-members=3: 2 epochs, evaluated after [1, 2]" in out.splitlines()
+    before = read_manifest(folder)
+    code, out, _ = run_cli(["sweep", str(folder), "--engine", "serial", "--no-progress"], capsys)  # the stored spec
+    assert code == 0 and "8/8 done" in out
+    assert read_manifest(folder)["cells"] == before["cells"]
