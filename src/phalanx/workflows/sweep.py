@@ -385,7 +385,7 @@ def _tasks(ready: list[Cell], out: Path, spec: SweepSpec, man: dict[str, Any], l
 
 def _record(out: Path, cell: Cell, outcome: Outcome, man: dict[str, Any]) -> None:
     entry = man["cells"][cell.key]
-    entry.update(finished=_now(), wall_s=round(outcome.wall_s, 3))
+    entry.update(finished=_now(), wall_s=round(outcome.wall_s, 3), cpu_s=round(outcome.cpu_s, 3))
     cell_dir = out / "cells" / cell.key
     if outcome.ok:
         value = outcome.value
