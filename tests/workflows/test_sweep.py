@@ -344,3 +344,23 @@ def test_cli_status_dry_run_and_resume_from_the_folder(killed_and_resumed, capsy
     code, out, _ = run_cli(["sweep", str(folder), "--engine", "serial", "--no-progress"], capsys)  # the stored spec
     assert code == 0 and "8/8 done" in out
     assert read_manifest(folder)["cells"] == before["cells"]
+
+
+def test_evaluation_interrupted_after_its_checkpoint_is_recovered_on_resume(tmp_path) -> None:
+    """The driver dies after epoch 1's checkpoint, before epoch 1's evaluation was written:
+    the resumed cell evaluates the epoch-1 weights, equal to an uninterrupted run's."""
+    from phalanx.workflows.sweep import run_cell
+
+    spec = parse_sweep_spec(spec_tree(GRID_2X2X2))
+    cell = next(c for c in spec.cells() if c.key == "adp-seed0-members=2")
+    evals = [e.to_dict() for e in spec.evaluations]
+    whole = run_cell(cell.to_dict(), str(tmp_path / "whole"), evals)
+    first = cell.to_dict()
+    first["config"] = {**first["config"], "train": {**first["config"]["train"], "epochs": 1}}
+    first["eval_epochs"] = [1]
+    run_cell(first, str(tmp_path / "cut"), evals)  # trains epoch 1 and checkpoints it
+    assert not (tmp_path / "cut" / "evals" / "epoch-1.json").exists()  # epoch 1 was its final epoch
+    resumed = run_cell(cell.to_dict(), str(tmp_path / "cut"), evals)
+    assert resumed["resumed_from_epoch"] == 1
+    assert resumed["evaluations"]["1"] == whole["evaluations"]["1"]
+    assert resumed["evaluations"]["2"]["wb"]["whitebox"]["curves"] == whole["evaluations"]["2"]["wb"]["whitebox"]["curves"]

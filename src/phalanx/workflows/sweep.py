@@ -103,6 +103,8 @@ def run_cell(cell: dict[str, Any], cell_dir: str, evaluations: list[dict[str, An
         res = _evaluate_all(ensemble_ref[0], data, evals, seed, final=False)
         write_json(evals_dir / f"epoch-{payload['epoch']}.json", res)
 
+    if resume:
+        _recover_lost_evaluation(run_dir, intermediate, lambda ens: _evaluate_all(ens, data, evals, seed, final=False))
     # the callback needs the ensemble that train_run builds: build it here and pass it in
     from phalanx.ensembles.build import build_ensemble
 
@@ -120,6 +122,22 @@ def run_cell(cell: dict[str, Any], cell_dir: str, evaluations: list[dict[str, An
     by_epoch[str(final_epoch)] = _evaluate_all(ens, data, evals, seed, final=True)
     return {"history": fit_result.history, "evaluations": by_epoch, "final_epoch": final_epoch,
             "resumed_from_epoch": fit_result.resumed_from_epoch, "wall_s": round(time.perf_counter() - t0, 3)}
+
+
+def _recover_lost_evaluation(run_dir: Path, intermediate: set[int], evaluate: Callable[[Any], Any]) -> None:
+    """A driver killed while an intermediate evaluation ran leaves the checkpoint at that epoch
+    without its evaluation (``fit`` checkpoints, then calls back). ``ensemble.pt`` then still
+    holds that epoch's weights (the next epoch has not finished), so evaluate it now."""
+    from phalanx.ensembles import checkpoint_info, load_ensemble
+
+    saved = run_dir / "ensemble.pt"
+    if not saved.is_file():
+        return
+    epoch = checkpoint_info(saved)["extra"].get("epochs")
+    target = run_dir / "evals" / f"epoch-{epoch}.json"
+    if epoch in intermediate and not target.is_file():
+        log.info("evaluating %s at epoch %s (interrupted before its evaluation)", run_dir, epoch)
+        write_json(target, evaluate(load_ensemble(saved)))
 
 
 # ---------------------------------------------------------------- the sweep folder
