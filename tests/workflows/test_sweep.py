@@ -237,6 +237,10 @@ def test_table_at_an_intermediate_epoch_differs_from_the_final(killed_and_resume
         method_table(recs, evaluation="wb", epoch=7)
     with pytest.raises(PhalanxError, match=r"no results at eps 0\.3"):
         method_table(recs, evaluation="wb", eps=0.3)
+    folder = killed_and_resumed[0]
+    with pytest.raises(PhalanxError, match=r"adp \(members=2\) seed 0 is given twice"):
+        collect([folder, folder / "cells" / "adp-seed0-members=2"])
+    assert len(collect([folder / "cells" / "adp-seed0-members=2", folder / "cells" / "adp-seed1-members=2"])) == 2
 
 
 def test_changed_cell_in_the_same_folder_is_refused(killed_and_resumed, tmp_path) -> None:

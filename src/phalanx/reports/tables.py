@@ -100,6 +100,12 @@ def collect(paths: Iterable[str | Path]) -> list[CellRecord]:
             raise PhalanxError(f"{f} holds a {kind!r} result; phalanx table reads sweep folders and sweep cells")
     if not out:
         raise PhalanxError("no finished cells in " + ", ".join(map(str, paths)))
+    seen: dict[tuple[str, int], str] = {}
+    for r in out:
+        if (r.label, r.seed) in seen:
+            raise PhalanxError(f"{r.label} seed {r.seed} is given twice ({seen[(r.label, r.seed)]} and {r.source}); "
+                               "a table averages distinct seeds")
+        seen[(r.label, r.seed)] = r.source
     return out
 
 
