@@ -79,6 +79,8 @@ def spec_tree(text: str) -> dict:
     (lambda t: t["grid"].update({"model.members": []}), "zero cells \\(grid axis 'model.members' is empty\\)"),
     (lambda t: t.pop("method"), "zero cells \\(no \\[method"),
     (lambda t: t["sweep"].update(timeout_s=-1), "timeout_s must be a positive number"),
+    (lambda t: t["sweep"].update(gpus_per_cell=-1), "gpus_per_cell must be an integer >= 0, got -1"),
+    (lambda t: t["grid"].update({"train.seed": [1]}), "cannot vary 'train.seed'"),
 ])
 def test_bad_specs_fail_with_one_error(patch, match) -> None:
     tree = spec_tree(GRID_2X2X2)

@@ -390,6 +390,7 @@ def _skip_blocked(man: dict[str, Any], by_key: dict[str, Cell]) -> None:
 def _tasks(ready: list[Cell], out: Path, spec: SweepSpec, man: dict[str, Any], lock: threading.Lock,
            bar: Any) -> Iterator[Task]:
     evals = [e.to_dict() for e in spec.evaluations]
+    gpus = spec.gpus_per_cell if spec.gpus_per_cell is not None else int(torch.cuda.is_available())
     for c in ready:
         init = str(out / "cells" / c.depends_on / "ensemble.pt") if c.depends_on is not None else None
         with lock:
@@ -398,7 +399,7 @@ def _tasks(ready: list[Cell], out: Path, spec: SweepSpec, man: dict[str, Any], l
             write_json(out / "manifest.json", man)
         _postfix(bar, man)
         yield Task(c.key, run_cell, (c.to_dict(), str(out / "cells" / c.key), evals, init),
-                   timeout_s=spec.timeout_s, gpus=1 if torch.cuda.is_available() else 0)
+                   timeout_s=spec.timeout_s, gpus=gpus)
 
 
 def _record(out: Path, cell: Cell, outcome: Outcome, man: dict[str, Any]) -> None:

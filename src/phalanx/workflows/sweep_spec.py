@@ -5,7 +5,8 @@ one :class:`PhalanxError` before any cell runs.
 
 Layout of a spec (see ``examples/sweeps/``)::
 
-    [sweep]            name, seeds, methods (order/subset of [method.*]), eval_epochs, timeout_s
+    [sweep]            name, seeds, methods (order/subset of [method.*]), eval_epochs, timeout_s,
+                       gpus_per_cell (default: 1 where CUDA is available, else 0)
     [base.data] ...    the shared train config: [base.data] [base.model] [base.method] [base.train]
     [grid]             extra axes: "section.key" = [values, ...]
     [method.LABEL]     name (registry name, default LABEL), options = {...}, set = {"section.key" = value},
@@ -31,7 +32,7 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover
     import tomli as tomllib
 
-SWEEP_KEYS = {"name", "seeds", "methods", "eval_epochs", "timeout_s"}
+SWEEP_KEYS = {"name", "seeds", "methods", "eval_epochs", "timeout_s", "gpus_per_cell"}
 METHOD_KEYS = {"name", "options", "set", "init", "eval_epochs"}
 EVAL_KEYS = {"name", "protocol", "attacks", "eps", "steps", "restarts", "limit", "batch_size", "members",
              "sanity", "final_only", "attack_params", "split"}
@@ -129,6 +130,7 @@ class SweepSpec:
     evaluations: tuple[EvalEntry, ...]
     eval_epochs: tuple[int, ...] = ()
     timeout_s: float | None = None
+    gpus_per_cell: int | None = None  # None: 1 where CUDA is available, else 0
     source: dict[str, Any] = field(default_factory=dict)
 
     def cells(self) -> list[Cell]:
@@ -221,6 +223,9 @@ def parse_sweep_spec(tree: dict[str, Any], *, name: str = "sweep") -> SweepSpec:
     timeout = sw.get("timeout_s")
     if timeout is not None and (isinstance(timeout, bool) or not isinstance(timeout, int | float) or timeout <= 0):
         raise PhalanxError(f"sweep.timeout_s must be a positive number, got {timeout!r}")
+    gpus = sw.get("gpus_per_cell")
+    if gpus is not None and (isinstance(gpus, bool) or not isinstance(gpus, int) or gpus < 0):
+        raise PhalanxError(f"sweep.gpus_per_cell must be an integer >= 0, got {gpus!r}")
     base = tree.get("base", {})
     _unknown("[base]", base, {"data", "model", "method", "train"})
     if "method" in base.get("method", {}) or "name" in base.get("method", {}):
@@ -279,7 +284,7 @@ def parse_sweep_spec(tree: dict[str, Any], *, name: str = "sweep") -> SweepSpec:
         raise PhalanxError(f"evaluation names must be unique, got {names}")
 
     spec = SweepSpec(str(sw.get("name", name)), base, seeds, tuple(methods), grid, tuple(evals), eval_epochs,
-                     float(timeout) if timeout is not None else None, copy.deepcopy(tree))
+                     float(timeout) if timeout is not None else None, gpus, copy.deepcopy(tree))
     cells = spec.cells()  # cycles and bad init names fail here
     if not cells:
         empty = [k for k, v in grid.items() if not v]
