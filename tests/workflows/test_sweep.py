@@ -370,3 +370,19 @@ def test_evaluation_interrupted_after_its_checkpoint_is_recovered_on_resume(tmp_
     assert resumed["resumed_from_epoch"] == 1
     assert resumed["evaluations"]["1"] == whole["evaluations"]["1"]
     assert resumed["evaluations"]["2"]["wb"]["whitebox"]["curves"] == whole["evaluations"]["2"]["wb"]["whitebox"]["curves"]
+
+
+def test_rerun_recomputes_a_cell_and_its_dependents_from_scratch(tmp_path) -> None:
+    spec = write_spec(tmp_path, DIVERGE.replace('set = { "train.lr" = 1e30, "train.momentum" = 0.0 }', ""))
+    folder = tmp_path / "s"
+    assert run_sweep(spec, folder, engine="serial", progress=False).ok
+    first = json.loads((folder / "cells" / "blowup-seed0" / "results.json").read_text())
+    with pytest.raises(PhalanxError, match="--rerun names 'nope', which is not a cell"):
+        run_sweep(spec, folder, engine="serial", progress=False, rerun=["nope"])
+    res = run_sweep(spec, folder, engine="serial", progress=False, rerun=["blowup-seed0"])
+    assert res.ran == ["blowup-seed0", "after-seed0"]  # and the cell that starts from it
+    man = read_manifest(folder)["cells"]
+    assert man["blowup-seed0"]["attempts"] == 2 and man["baseline-seed0"]["attempts"] == 1
+    again = json.loads((folder / "cells" / "blowup-seed0" / "results.json").read_text())
+    assert again["resumed_from_epoch"] == 0  # from scratch, not from the old checkpoint
+    assert again["evaluations"] == first["evaluations"]  # deterministic: the same results

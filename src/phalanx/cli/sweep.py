@@ -48,11 +48,13 @@ def _print_status(folder: Path) -> dict[str, Any]:
 @click.option("--workers", type=int, default=1, show_default=True, help="Cells run at once.")
 @click.option("--address", default=None, help="Ray cluster address (auto or HOST:PORT); --engine ray only.")
 @click.option("--retry-failed", is_flag=True, help="Run failed cells (and those skipped because of them) again.")
+@click.option("--rerun", multiple=True, metavar="CELL",
+              help="Recompute this cell from scratch (repeatable), and the cells that start from it.")
 @click.option("--status", "status_only", is_flag=True, help="Print the sweep folder's progress and ETA; run nothing.")
 @click.option("--dry-run", is_flag=True, help="Validate the spec and list its cells; run nothing.")
 @progress_option
 def sweep(spec: str, out: str | None, engine: str | None, workers: int, address: str | None, retry_failed: bool,
-          status_only: bool, dry_run: bool, progress: bool) -> None:
+          rerun: tuple[str, ...], status_only: bool, dry_run: bool, progress: bool) -> None:
     """Train and evaluate every cell of a sweep SPEC (TOML; see examples/sweeps/), or resume a
     sweep folder (SPEC may be the folder). Finished cells are never recomputed."""
     from phalanx.workflows.sweep import run_sweep
@@ -88,7 +90,7 @@ def sweep(spec: str, out: str | None, engine: str | None, workers: int, address:
             raise PhalanxError("--address applies to --engine ray only")
         options["address"] = address
     result = run_sweep(parsed, folder, engine=engine or _default_engine(), workers=workers,
-                       retry_failed=retry_failed, progress=progress, engine_options=options)
+                       retry_failed=retry_failed, rerun=rerun, progress=progress, engine_options=options)
     st = _print_status(folder)
     click.echo(f"results: {folder / 'results.json'}; table: phalanx table {folder}")
     if st["counts"]["failed"] or st["counts"]["skipped"]:

@@ -23,10 +23,11 @@ import hashlib
 import json
 import logging
 import os
+import shutil
 import socket
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -298,12 +299,14 @@ def _load_or_create(folder: Path, spec: SweepSpec, cells: list[Cell]) -> dict[st
 
 
 def run_sweep(spec: SweepSpec | str | Path, folder: str | Path, *, engine: str | Engine = "serial",
-              workers: int = 1, retry_failed: bool = False, progress: bool = True,
+              workers: int = 1, retry_failed: bool = False, rerun: Sequence[str] = (), progress: bool = True,
               engine_options: dict[str, Any] | None = None,
               on_outcome: Callable[[str, Outcome], None] | None = None) -> SweepResult:
     """Run (or resume) every cell of ``spec`` in ``folder``. Finished cells are never recomputed;
     cells that were running when a previous driver died resume from their last checkpoint;
-    failed cells (and the cells that depend on them) are retried only with ``retry_failed``."""
+    failed cells (and the cells that depend on them) are retried only with ``retry_failed``.
+    ``rerun`` names cells to recompute from scratch (their folders are deleted), together with
+    the cells that start from them."""
     if not isinstance(spec, SweepSpec):
         spec = load_sweep_spec(spec)
     out = Path(folder)
@@ -314,6 +317,9 @@ def run_sweep(spec: SweepSpec | str | Path, folder: str | Path, *, engine: str |
     with SweepLock(out):
         man = _load_or_create(out, spec, cells)
         man["workers"] = workers
+        for key in _with_dependents(rerun, cells):
+            shutil.rmtree(out / "cells" / key, ignore_errors=True)
+            man["cells"][key].update(state="pending", error=None)
         for key, entry in man["cells"].items():
             if key not in by_key:
                 continue
@@ -360,6 +366,19 @@ def run_sweep(spec: SweepSpec | str | Path, folder: str | Path, *, engine: str |
             if isinstance(engine, str):
                 eng.close()
     return SweepResult(out, _counts(man), ran)
+
+
+def _with_dependents(keys: Sequence[str], cells: list[Cell]) -> list[str]:
+    known = {c.key for c in cells}
+    for k in keys:
+        if k not in known:
+            raise PhalanxError(f"--rerun names {k!r}, which is not a cell of this sweep; cells: "
+                               f"{', '.join(sorted(known))}")
+    chosen = set(keys)
+    for c in cells:  # dependency order: an init cell comes before the cells that start from it
+        if c.depends_on in chosen:
+            chosen.add(c.key)
+    return [c.key for c in cells if c.key in chosen]
 
 
 def _finished_on_disk(out: Path, key: str, digest: str) -> bool:
