@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from phalanx.errors import PhalanxError
-from phalanx.workflows.sweep import SweepLock, read_manifest, run_sweep
+from phalanx.workflows.sweep import read_manifest, run_sweep
 from phalanx.workflows.sweep_spec import load_sweep_spec, parse_sweep_spec
 
 REPO = Path(__file__).resolve().parents[2]
@@ -162,7 +162,7 @@ def killed_and_resumed(tmp_path_factory):
         proc.wait()
     assert 2 <= len(done) < 8, f"could not kill mid-way (done: {done}; stderr: {proc.stderr.read()[-500:]!r})"
     before = read_manifest(folder)
-    assert (folder / "sweep.lock").is_file()  # left behind by the killed driver: a stale lock
+    assert json.loads((folder / ".phalanx" / "run.json").read_text())["status"] == "running"  # died mid-run
     times = _mtimes(folder, done)
     result = run_sweep(spec, folder, engine=engine, progress=False)
     return folder, spec, before, done, times, result
@@ -181,7 +181,7 @@ def test_resume_after_kill_recomputes_no_finished_cell(killed_and_resumed) -> No
     interrupted = [k for k, c in before["cells"].items() if c["state"] == "running"]
     for key in interrupted:  # started before the kill, finished after: a second attempt
         assert after["cells"][key]["attempts"] == 2
-    assert not (folder / "sweep.lock").exists()
+    assert json.loads((folder / ".phalanx" / "run.json").read_text())["status"] == "finished"
     # a third run has nothing to do
     again = run_sweep(folder.parent / "spec.toml", folder, engine="serial", progress=False)
     assert again.ran == [] and again.counts["done"] == 8
@@ -303,28 +303,24 @@ def test_diverging_cell_fails_alone_with_the_reason(tmp_path) -> None:
 
 
 def test_second_sweep_on_the_same_folder_refuses(tmp_path) -> None:
+    from phalanx.runs import Reuse, open_run
+
     spec = write_spec(tmp_path, DIVERGE)
     folder = tmp_path / "s"
-    folder.mkdir()
-    with SweepLock(folder):  # a live driver holds the folder
-        with pytest.raises(PhalanxError, match=r"another sweep is running in .* \(pid \d+ on"):
+    with open_run(folder, "sweep", reuse=Reuse.CONTINUE):  # a live driver holds the folder
+        with pytest.raises(PhalanxError, match=r"run folder .* is in use by another phalanx process \(pid \d+"):
             run_sweep(spec, folder, engine="serial", progress=False)
     assert not (folder / "manifest.json").exists()
 
 
-def test_stale_lock_of_a_dead_driver_is_taken_over(tmp_path) -> None:
-    import socket
+def test_folder_of_another_command_is_refused(tmp_path) -> None:
+    from phalanx.runs import open_run
 
     folder = tmp_path / "s"
-    folder.mkdir()
-    dead = subprocess.Popen([sys.executable, "-c", "pass"])
-    dead.wait()
-    (folder / "sweep.lock").write_text(json.dumps({"host": socket.gethostname(), "pid": dead.pid}))
-    lock = SweepLock(folder)
-    lock.acquire()
-    assert json.loads((folder / "sweep.lock").read_text())["pid"] == os.getpid()
-    lock.release()
-    assert not (folder / "sweep.lock").exists()
+    with open_run(folder, "train"):
+        pass
+    with pytest.raises(PhalanxError, match="already holds a finished train run"):
+        run_sweep(write_spec(tmp_path, DIVERGE), folder, engine="serial", progress=False)
 
 
 def test_folder_grows_with_more_seeds(tmp_path) -> None:

@@ -13,18 +13,17 @@ Sweep folder layout::
 Tasks write only inside their own cell folder (checkpoints, intermediate evaluations); the
 driver alone writes the manifest, the aggregated results and each cell's results.json. The
 manifest is replaced atomically after every finished cell, so killing the driver at any moment
-loses no finished cell; a cell that was running resumes from its last checkpoint.
+loses no finished cell; a cell that was running resumes from its last checkpoint. The folder is
+owned through :func:`phalanx.runs.open_run` (an flock the kernel drops when the driver dies), so a
+second driver on the same folder refuses.
 """
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import logging
-import os
 import shutil
-import socket
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -36,14 +35,13 @@ import torch
 
 from phalanx.engines import Engine, Outcome, Task, create_engine
 from phalanx.errors import PhalanxError
-from phalanx.runs import write_json, write_results
+from phalanx.runs import RunFolder, write_json, write_results
 from phalanx.workflows.sweep_spec import Cell, EvalEntry, SweepSpec, load_sweep_spec
 
 log = logging.getLogger(__name__)
 
 MANIFEST_VERSION = 1
 STATES = ("pending", "running", "done", "failed", "skipped")
-LOCK_NAME = "sweep.lock"
 
 
 # ---------------------------------------------------------------- one cell (runs in a worker)
@@ -143,65 +141,17 @@ def _recover_lost_evaluation(run_dir: Path, intermediate: set[int], evaluate: Ca
 
 # ---------------------------------------------------------------- the sweep folder
 
-class SweepLock:
-    """An exclusive lock on a sweep folder (``sweep.lock``, created with O_EXCL; holds host and
-    pid). A lock left by a dead process on this host is taken over; a live one refuses."""
+def own_sweep_folder(folder: Path) -> RunFolder:
+    """Take the folder's run lock (:func:`phalanx.runs.open_run`, command ``sweep``): a second
+    driver on the same folder refuses; a sweep folder may be continued; a folder holding another
+    command's run is refused. A sweep folder written before run records existed is adopted."""
+    from phalanx.runs import Reuse, open_run, run_info
 
-    def __init__(self, folder: Path) -> None:
-        self.path = folder / LOCK_NAME
-        self.held = False
-
-    def acquire(self) -> None:
-        for _ in range(2):
-            try:
-                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-            except FileExistsError:
-                if self._stale():
-                    with contextlib.suppress(FileNotFoundError):
-                        self.path.unlink()
-                    continue
-                raise PhalanxError(f"another sweep is running in {self.path.parent} ({self._owner()}); "
-                                   f"wait for it or use another --out folder") from None
-            with os.fdopen(fd, "w") as f:
-                f.write(json.dumps({"host": socket.gethostname(), "pid": os.getpid(), "time": time.time()}))
-            self.held = True
-            return
-        raise PhalanxError(f"could not lock {self.path}")
-
-    def _owner(self) -> str:
-        try:
-            info = json.loads(self.path.read_text())
-            return f"pid {info.get('pid')} on {info.get('host')}"
-        except (OSError, ValueError):
-            return "owner unknown"
-
-    def _stale(self) -> bool:
-        try:
-            info = json.loads(self.path.read_text())
-        except (OSError, ValueError):
-            return False  # being written right now: treat as held
-        if info.get("host") != socket.gethostname():
-            return False
-        try:
-            os.kill(int(info["pid"]), 0)
-        except ProcessLookupError:
-            return True
-        except (PermissionError, KeyError, ValueError, TypeError):
-            return False
-        return False
-
-    def release(self) -> None:
-        if self.held:
-            with contextlib.suppress(FileNotFoundError):
-                self.path.unlink()
-            self.held = False
-
-    def __enter__(self) -> SweepLock:
-        self.acquire()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.release()
+    info = run_info(folder)
+    legacy = info is not None and info.get("command") is None and (folder / "manifest.json").is_file()
+    # adopting a legacy sweep folder: OVERWRITE only drops top-level record files (the aggregated
+    # results.json, which the driver rewrites at once); cells, manifest and spec stay
+    return open_run(folder, "sweep", reuse=Reuse.OVERWRITE if legacy else Reuse.CONTINUE)
 
 
 def read_manifest(folder: str | Path) -> dict[str, Any]:
@@ -314,7 +264,7 @@ def run_sweep(spec: SweepSpec | str | Path, folder: str | Path, *, engine: str |
     cells = spec.cells()
     by_key = {c.key: c for c in cells}
     order = {c.key: i for i, c in enumerate(cells)}
-    with SweepLock(out):
+    with own_sweep_folder(out):
         man = _load_or_create(out, spec, cells)
         man["workers"] = workers
         for key in _with_dependents(rerun, cells):
@@ -332,6 +282,7 @@ def run_sweep(spec: SweepSpec | str | Path, folder: str | Path, *, engine: str |
             elif entry["state"] == "skipped":
                 entry.update(state="pending", error=None)
         write_json(out / "manifest.json", man)
+        _write_aggregate(out, spec, man)
         eng = create_engine(engine, workers=workers, **(engine_options or {})) if isinstance(engine, str) else engine
         ran: list[str] = []
         lock = threading.Lock()

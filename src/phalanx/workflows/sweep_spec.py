@@ -87,7 +87,7 @@ class EvalEntry:
     def build_attacks(self) -> dict[str, Any]:
         from phalanx.attacks import configure_attack
 
-        return {a: configure_attack(a, steps=self.steps, restarts=self.restarts, **self.attack_params.get(a, {}))
+        return {a: configure_attack(a, self.attack_params.get(a, {}), steps=self.steps, restarts=self.restarts)
                 for a in self.attacks}
 
     def to_dict(self) -> dict[str, Any]:
