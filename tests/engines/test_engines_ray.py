@@ -7,6 +7,7 @@ import signal
 import sys
 
 import pytest
+from test_engines_verify import VERIFY_ARGS, serial_pairs, stored_verdicts, verify_checkpoint  # noqa: F401
 
 from phalanx.engines import Setup, Status, Task, create_engine, probes
 from phalanx.errors import PhalanxError
@@ -44,6 +45,14 @@ def test_faults_become_outcomes_not_retries(ray_engine):
     assert [o.value for o in ray_engine.run([Task("after", probes.square, (5.0,))])] == [25.0]
 
 
+def test_task_beyond_the_cluster_fails_instead_of_hanging(ray_engine):
+    out = {o.key: o for o in ray_engine.run([Task("gpu", probes.noop, gpus=1), Task("cpu", probes.noop, cpus=64),
+                                             Task("ok", probes.noop, (1,))])}
+    assert out["gpu"].status is Status.FAILED and "asks for 1 GPU(s)" in (out["gpu"].error or "")
+    assert out["cpu"].status is Status.FAILED and "asks for 64 CPU(s)" in (out["cpu"].error or "")
+    assert out["ok"].value == 1
+
+
 def test_setup_reaches_ray_workers(ray_engine):
     setup = Setup(probes.remember, kwargs={"tag": "ray"})
     out = list(ray_engine.run([Task(f"r{i}", probes.recall, ("tag",)) for i in range(3)], setup=setup))
@@ -56,3 +65,13 @@ def test_missing_ray_gives_the_install_hint(monkeypatch):
     monkeypatch.setitem(sys.modules, "ray", None)  # import ray -> ImportError
     with pytest.raises(PhalanxError, match=r"pip install 'phalanx\[ray\]'"):
         create_engine("ray")
+
+
+def test_verify_pairs_on_ray_equals_serial(ray_engine, verify_checkpoint, serial_pairs, tmp_path, capsys):  # noqa: F811
+    """The CLI joins the Ray session the fixture started (and leaves it open)."""
+    from conftest import run_cli
+
+    code, _, err = run_cli(["verify", "pairs", str(verify_checkpoint), *VERIFY_ARGS, "--engine", "ray",
+                            "--workers", "2", "--out", str(tmp_path)], capsys)
+    assert code == 0, err
+    assert stored_verdicts(tmp_path) == serial_pairs[0]

@@ -39,15 +39,19 @@ from phalanx.errors import PhalanxError
               help="Continue a killed run from its last checkpoint.")
 @click.option("--init", "init_path", type=click.Path(dir_okay=False), default=None,
               help="Start from a trained ensemble checkpoint (e.g. DVERGE or iGAT fine-tuning of a baseline).")
+@click.option("--nproc", type=int, default=1, show_default=True,
+              help="Data-parallel processes on this machine (torch.distributed: one GPU each with NCCL, or gloo on "
+                   "CPU). Across machines launch with torchrun instead.")
 @device_option
 @out_option
 @progress_option
 def train(config_path: str | None, overrides: tuple[str, ...], dataset: str | None, data_dir: str | None,
           limit: int | None, model: str | None, members: int | None, method: str | None, epochs: int | None,
           batch_size: int | None, lr: float | None, seed: int | None, eps: str | None, resume_dir: str | None,
-          init_path: str | None, device: str | None, out: str | None, overwrite: bool, progress: bool) -> None:
+          init_path: str | None, nproc: int, device: str | None, out: str | None, overwrite: bool,
+          progress: bool) -> None:
     """Train an ensemble; writes a run folder with checkpoints, metrics, results and a report."""
-    from phalanx.workflows.experiment import evaluate_ensemble, train_run, write_train_report
+    from phalanx.training import distributed as ddp
 
     tree: dict[str, dict[str, Any]] = {}
     if resume_dir is not None:
@@ -78,12 +82,36 @@ def train(config_path: str | None, overrides: tuple[str, ...], dataset: str | No
         raise PhalanxError(f"--resume {resume_dir} continues that folder; --out {out} names another")
     if resume_dir is not None and overwrite:
         raise PhalanxError("--resume continues a run and --overwrite replaces it; give one")
-    run_dir = run_dir_for(resume_dir if resume_dir is not None else out, "train", overwrite=overwrite,
-                          reuse="resume" if resume_dir is not None else "new")
-    ens, fit_result, data = train_run(cfg, run_dir, resume=resume_dir is not None, progress=progress)
+    if nproc < 1:
+        raise PhalanxError(f"--nproc must be >= 1, got {nproc}")
+    rank = ddp.init_from_env(cfg.train.device)  # launched by torchrun
+    if rank is not None and nproc > 1:
+        raise PhalanxError("--nproc starts its own processes; under torchrun leave it out")
+    run_dir: Path | None = None
+    if rank is None or rank.main:  # the one process that owns (locks) the run folder
+        run_dir = run_dir_for(resume_dir if resume_dir is not None else out, "train", overwrite=overwrite,
+                              reuse="resume" if resume_dir is not None else "new")
+    run_dir = ddp.broadcast_object(run_dir) if rank is not None else run_dir
+    assert run_dir is not None
+    if nproc > 1:
+        ddp.run_local(nproc, train_job, (cfg, run_dir, resume_dir is not None, progress), device=cfg.train.device)
+    else:
+        train_job(cfg, run_dir, resume_dir is not None, progress)
+
+
+def train_job(cfg: Any, run_dir: Path, resume: bool, progress: bool) -> None:
+    """Train, then (on rank 0 of a distributed run) evaluate and report."""
+    from phalanx.training import distributed as ddp
+    from phalanx.workflows.experiment import evaluate_ensemble, train_run, write_train_report
+
+    ens, fit_result, data = train_run(cfg, run_dir, resume=resume, progress=progress)
+    if not ddp.is_main():
+        return
     ev = evaluate_ensemble(ens, data, cfg.eval, seed=cfg.train.seed, progress=progress)
     report = write_train_report(run_dir, cfg, fit_result, ev)
-    click.echo(f"clean accuracy {ev['clean']['accuracy']:.4f}; run folder {run_dir}; report {report}")
+    world = ddp.current()
+    click.echo(f"clean accuracy {ev['clean']['accuracy']:.4f}; run folder {run_dir}; report {report}"
+               + (f"; trained on {world.world} ranks" if world else ""))
 
 
 @click.command()

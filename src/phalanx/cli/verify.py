@@ -29,7 +29,12 @@ def _common(f: Callable[..., Any]) -> Callable[..., Any]:
         click.option("--complete", default=None, help="Complete backend inside the portfolio (default milp)."),
         click.option("--timeout", "time_limit", type=float, default=60.0, show_default=True,
                      help="Time limit per query in seconds."),
-        click.option("--workers", type=int, default=1, show_default=True, help="Parallel worker processes."),
+        click.option("--workers", type=int, default=1, show_default=True,
+                     help="Queries solved at once (worker processes; with --engine ray, tasks in flight)."),
+        click.option("--engine", default="local", show_default=True,
+                     help="Where queries run: local (process pool with hard timeouts), ray, serial (in-process)."),
+        click.option("--address", default=None,
+                     help="--engine ray: 'auto' or HOST:PORT of a running cluster (default: a local Ray instance)."),
         click.option("--members", default=None, help="Comma-separated member indices (default all)."),
         click.option("--data-dir", default=None, help="Folder with dataset files."),
         click.option("--seed", type=SEED, default=0, show_default=True),
@@ -42,7 +47,8 @@ def _common(f: Callable[..., Any]) -> Callable[..., Any]:
 
 
 def _config(eps: str, points: int, backend: str, complete: str | None, time_limit: float, workers: int,
-            members: str | None, data_dir: str | None, seed: int, retry_undecided: bool = False, **kw: Any) -> Any:
+            engine: str, address: str | None, members: str | None, data_dir: str | None, seed: int,
+            retry_undecided: bool = False, **kw: Any) -> Any:
     from phalanx.workflows.verify import VerifyConfig
 
     opts: dict[str, Any] = {}
@@ -50,8 +56,12 @@ def _config(eps: str, points: int, backend: str, complete: str | None, time_limi
         if backend != "portfolio":
             raise PhalanxError("--complete only applies to --backend portfolio")
         opts["complete"] = complete
+    if address is not None and engine != "ray":
+        raise PhalanxError(f"--address only applies to --engine ray, not {engine!r}")
     return VerifyConfig(eps=tuple(parse_eps_list(eps) or []), points=points, backend=backend, backend_options=opts,
-                        time_limit_s=time_limit, workers=workers, members=_members(members), data_dir=data_dir,
+                        time_limit_s=time_limit, workers=workers, engine=engine,
+                        engine_options={"address": address} if address is not None else {},
+                        members=_members(members), data_dir=data_dir,
                         seed=seed, retry_undecided=retry_undecided, **kw)
 
 

@@ -35,6 +35,13 @@ def sleep(seconds: float) -> float:
     return seconds
 
 
+def mark_and_sleep(path: str, seconds: float) -> None:
+    """Write this process's pid to ``path``, then sleep (to watch what happens to a busy worker)."""
+    with open(path, "w") as f:
+        f.write(str(os.getpid()))
+    time.sleep(seconds)
+
+
 def fail(message: str = "boom") -> None:
     raise ValueError(message)
 
@@ -61,6 +68,16 @@ def remember(**values: Any) -> None:
 def recall(key: str) -> Any:
     """What :func:`remember` kept under ``key`` in this process."""
     return _STATE[key]
+
+
+def cuda_info() -> dict[str, Any]:
+    """What CUDA the task's process sees: availability, device count and its visible devices."""
+    import torch
+
+    ok = torch.cuda.is_available()
+    return {"available": ok, "count": torch.cuda.device_count() if ok else 0,
+            "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"),
+            "sum": float(torch.ones(4, device="cuda").sum()) if ok else None}
 
 
 def whoami(x: Any = None) -> dict[str, Any]:

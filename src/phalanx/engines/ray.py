@@ -88,6 +88,7 @@ class RayEngine:
         box = [setup.token, ray.put(setup)] if setup is not None else None
         source, exhausted = iter(tasks), False
         running: dict[Any, tuple[Task, float, float]] = {}  # ref -> task, start, deadline
+        have = ray.cluster_resources()
         try:
             while True:
                 while not exhausted and len(running) < self.workers:
@@ -96,6 +97,11 @@ class RayEngine:
                     except StopIteration:
                         exhausted = True
                         break
+                    short = [f"{n} {r}(s)" for n, r in ((task.cpus, "CPU"), (task.gpus, "GPU")) if n > have.get(r, 0)]
+                    if short:  # Ray would keep it pending for ever
+                        yield Outcome(task.key, Status.FAILED, error=f"task asks for {' and '.join(short)}; the Ray "
+                                      f"cluster has {have.get('CPU', 0):g} CPU(s) and {have.get('GPU', 0):g} GPU(s)")
+                        continue
                     ref = self._remote.options(num_cpus=task.cpus, num_gpus=task.gpus, max_retries=0,
                                                retry_exceptions=False).remote(task, box)
                     start = time.perf_counter()

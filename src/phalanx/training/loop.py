@@ -19,6 +19,7 @@ from phalanx.data import DatasetSplits, iterate_batches, num_batches
 from phalanx.ensembles import Ensemble, atomic_save, check_finite, ensemble_state, safe_load, save_ensemble
 from phalanx.errors import CheckpointError, PhalanxError
 from phalanx.evaluation.clean import evaluate_clean
+from phalanx.training import distributed as ddp
 from phalanx.training.base import Batch, StepContext, TrainingMethod
 
 log = logging.getLogger(__name__)
@@ -171,7 +172,13 @@ def fit(
     ``ensemble.pt`` after every epoch and appends one JSON line per epoch to ``metrics.jsonl``.
     ``resume=True`` continues from ``checkpoints/last.pt``; a run killed mid-epoch restarts
     that epoch and ends with the same weights as an uninterrupted run (same seed, CPU).
+
+    Inside a process group of several ranks (:mod:`phalanx.training.distributed`) each rank
+    trains on its shard of every global batch, gradients are summed over ranks, and rank 0
+    alone validates and writes files.
     """
+    rank = ddp.current()
+    main = rank is None or rank.main
     device = resolve_device(config.device)
     ensemble.to(device)
     params = [p for p in ensemble.parameters() if p.requires_grad]
@@ -183,18 +190,22 @@ def fit(
     ckpt = run_path / "checkpoints" / "last.pt" if run_path else None
     history: list[dict[str, Any]] = []
     start_epoch = 0
+    if rank is not None:  # rank 0 may still be writing the folder this call resumes from
+        ddp.barrier()
     if resume:
         if ckpt is None or not ckpt.is_file():
             raise CheckpointError(f"nothing to resume: {ckpt} does not exist")
         start_epoch, history = _restore(ckpt, ensemble, opt, sched, method, device)
         log.info("resuming %s from epoch %d", run_path, start_epoch)
-    if run_path is not None:
+    if run_path is not None and main:
         run_path.mkdir(parents=True, exist_ok=True)
         _write_metrics(run_path / "metrics.jsonl", history)
+    if rank is not None:
+        ddp.broadcast_module(ensemble)
 
     steps = num_batches(len(data.train), config.batch_size, config.drop_last)
-    bar = _progress(total=config.epochs * steps, initial=start_epoch * steps, enabled=progress,
-                    desc=f"train {method.name}")
+    bar = _progress(total=config.epochs * steps, initial=start_epoch * steps, enabled=progress and main,
+                    desc=f"train {method.name}" + (f" ({rank.world} ranks)" if rank else ""))
     try:
         for epoch in range(start_epoch, config.epochs):
             torch.manual_seed((config.seed * 1_000_003 + epoch) % (2**63 - 1))  # any stray global randomness
@@ -202,6 +213,8 @@ def fit(
             ctx = StepContext(epoch, 0, epoch * steps, steps, config.epochs, gen, device)
             ensemble.train()
             method.start_epoch(ensemble, ctx)
+            if rank is not None:  # per-epoch choices above are shared; per-step draws are the rank's own
+                ctx.generator = epoch_generator(config.seed, epoch, 1000 + rank.rank)
             batches = iterate_batches(data.train, config.batch_size, shuffle=True, generator=gen,
                                       augment=data.augment, drop_last=config.drop_last)
             targets = (iterate_batches(data.train, config.batch_size, shuffle=True,
@@ -211,21 +224,35 @@ def fit(
             sums: dict[str, Tensor] = {}
             t0 = time.perf_counter()
             for step, (x, y) in enumerate(batches):
-                batch = Batch(x.to(device, non_blocking=True), y.to(device, non_blocking=True))
-                if targets is not None:
-                    xt, yt = next(targets)
-                    batch.x_target, batch.y_target = xt.to(device), yt.to(device)
+                xt, yt = next(targets) if targets is not None else (None, None)
+                weight = 1.0  # this process's share of the global batch
+                if rank is not None:
+                    lo, hi = ddp.shard_bounds(len(x), rank.rank, rank.world)
+                    weight = (hi - lo) / len(x)
+                    x, y = x[lo:hi], y[lo:hi]
+                    xt, yt = (xt[lo:hi], yt[lo:hi]) if xt is not None and yt is not None else (xt, yt)
                 ctx.step, ctx.global_step = step, epoch * steps + step
-                out = method.loss(ensemble, batch, ctx)
-                opt.zero_grad(set_to_none=True)
-                out.loss.backward()
+                if not len(x):  # a last global batch smaller than the number of ranks
+                    opt.zero_grad(set_to_none=True)
+                else:
+                    batch = Batch(x.to(device, non_blocking=True), y.to(device, non_blocking=True))
+                    if xt is not None and yt is not None:
+                        batch.x_target, batch.y_target = xt.to(device), yt.to(device)
+                    out = method.loss(ensemble, batch, ctx)
+                    opt.zero_grad(set_to_none=True)
+                    (out.loss * weight if rank is not None else out.loss).backward()
+                    sums["loss"] = sums.get("loss", 0) + out.loss.detach() * weight
+                    for k, v in out.metrics.items():
+                        sums[k] = sums.get(k, 0) + v.detach() * weight
+                if rank is not None:
+                    ddp.all_reduce_grads(params)
                 opt.step()
-                sums["loss"] = sums.get("loss", 0) + out.loss.detach()
-                for k, v in out.metrics.items():
-                    sums[k] = sums.get(k, 0) + v.detach()
                 bar.update(1)
-                if callback is not None:
+                if callback is not None and len(x):
                     callback("step", {"epoch": epoch, "step": step, "loss": out.loss})
+            if rank is not None:
+                sums = ddp.all_reduce_sums(sums, device)
+                ddp.average_buffers(ensemble)
             train_time = time.perf_counter() - t0
             lr = opt.param_groups[0]["lr"]
             sched.step()
@@ -233,13 +260,13 @@ def fit(
             record.update({f"train_{k}": float(v) / steps for k, v in sums.items()})
             if not math.isfinite(record["train_loss"]):
                 raise PhalanxError(f"training diverged at epoch {epoch + 1} (loss {record['train_loss']}); lower the lr")
-            if len(data.val):
+            if len(data.val) and main:
                 val = evaluate_clean(ensemble, data.val, config.eval_batch_size)
                 record["val_accuracy"] = val["accuracy"]
                 record["val_member_accuracy"] = val["member_accuracy"]
             history.append(record)
             bar.set_postfix(loss=f"{record['train_loss']:.3f}", val=f"{record.get('val_accuracy', float('nan')):.3f}")
-            if run_path is not None and ckpt is not None:
+            if run_path is not None and ckpt is not None and main:
                 atomic_save(_state(ensemble, opt, sched, epoch + 1, history, config, method, data.name), ckpt)
                 save_ensemble(ensemble, run_path / "ensemble.pt", dataset=data.name,
                               extra={"method": method.describe(), "epochs": epoch + 1})
@@ -249,6 +276,8 @@ def fit(
                 callback("epoch", record)
     finally:
         bar.close()
+    if rank is not None:  # every rank returns once rank 0 has written the last checkpoint
+        ddp.barrier()
     ensemble.eval()
     return FitResult(history, run_path, start_epoch)
 

@@ -1,7 +1,8 @@
-"""Running many queries: candidates, query specs, parallel workers and a resumable store.
+"""Running many queries: candidates, query specs, an engine's workers and a resumable store.
 
 Queries refer to members by index into one :class:`Candidates` pool (models, their IR and a
-fingerprint each), so worker processes receive the pool once. Results are appended to a JSON
+fingerprint each), so worker processes receive the pool once (the engine's
+:class:`~phalanx.engines.Setup`). Results are appended to a JSON
 lines store as they finish (one line per query, keyed by a stable query id built from member
 fingerprints, the point, eps, label and property), so a killed run resumes without redoing
 finished queries.
@@ -11,7 +12,6 @@ from __future__ import annotations
 
 import json
 import logging
-import multiprocessing as mp
 import os
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 from torch import nn
 
+from phalanx.engines import Engine, Outcome, Setup, Status, Task, create_engine
 from phalanx.errors import PhalanxError
 from phalanx.verification.ir import NetworkIR, to_ir
 from phalanx.verification.query import (
@@ -154,17 +155,20 @@ class ResultStore:
 
 _W: dict[str, Any] = {}
 
+#: hard kill after this many times the per-query time limit (plus a fixed grace): the verifier
+#: honours the limit itself; the kill is the backstop for a solver stuck in native code
+HARD_TIMEOUT_FACTOR, HARD_TIMEOUT_GRACE_S = 2.0, 30.0
+
 
 def _init_worker(cands: Candidates, points: np.ndarray, backend: str, options: dict[str, Any], time_limit: float) -> None:
-    import torch
-
-    torch.set_num_threads(1)
+    """The engine's per-process setup: the candidate pool, the points and one verifier."""
     from phalanx.verification import create_verifier
 
     _W.update(cands=cands, points=points, verifier=create_verifier(backend, **options), limit=time_limit)
 
 
 def _solve(spec: QuerySpec) -> dict[str, Any]:
+    """One query, run by an engine in a worker process."""
     cands, points = _W["cands"], _W["points"]
     x = points[spec.point]
     q = spec.build(cands, x)
@@ -177,45 +181,91 @@ def _solve(spec: QuerySpec) -> dict[str, Any]:
     return Record(q.qid, spec, res).to_json()
 
 
+def _record(out: Outcome, spec: QuerySpec, qid: str, backend: str) -> Record:
+    """The record of one finished task: the verifier's own, or TIMEOUT / ERROR when the task was
+    killed, crashed or raised (never a lost query, never a decided verdict)."""
+    if out.ok:
+        return Record.from_json(out.value)
+    if out.status is Status.FAILED and (out.error or "").startswith("PhalanxError: "):
+        raise PhalanxError(out.error.removeprefix("PhalanxError: "))  # type: ignore[union-attr]
+    verdict = Verdict.TIMEOUT if out.status is Status.TIMEOUT else Verdict.ERROR
+    return Record(qid, spec, VerificationResult(verdict, backend, out.wall_s, message=f"{out.status.value}: {out.error}",
+                                                details={"engine_status": out.status.value}))
+
+
+def _setup_token(cands: Candidates, pts: np.ndarray, backend: str, opts: dict[str, Any], limit: float) -> str:
+    """Equal setups get equal tokens, so an engine's warm workers skip a setup they already ran."""
+    import hashlib
+
+    h = hashlib.sha256(repr((cands.fingerprints, backend, sorted(opts.items()), limit)).encode())
+    h.update(np.ascontiguousarray(pts).tobytes())
+    return h.hexdigest()
+
+
+def query_engine(name: str, workers: int = 1, **options: Any) -> Engine:
+    """An engine for verification queries: ``create_engine`` with, for the local engine, a
+    forkserver that preloads only what queries need (a shorter start-up)."""
+    if name == "local":
+        from phalanx.engines.local import VERIFY_PRELOAD
+
+        options.setdefault("preload", VERIFY_PRELOAD)
+    return create_engine(name, workers=workers, **options)
+
+
 def run_queries(cands: Candidates, points: np.ndarray, specs: Sequence[QuerySpec], *, backend: str = "portfolio",
                 options: dict[str, Any] | None = None, time_limit_s: float = 60.0, workers: int = 1,
                 store: ResultStore | None = None, progress: Callable[[Iterator[Any], int], Iterator[Any]] | None = None,
-                retry_undecided: bool = False) -> list[Record]:
-    """Solve ``specs`` (skipping those already in ``store``), in ``workers`` processes.
+                retry_undecided: bool = False, engine: Engine | str = "local",
+                engine_options: dict[str, Any] | None = None, hard_timeout_s: float | None = None) -> list[Record]:
+    """Solve ``specs`` (skipping those already in ``store``) as tasks of an engine.
 
-    ``points`` is (P, in_dim) float64; ``spec.point`` indexes it. Returns one record per spec, in
-    order. With ``retry_undecided`` stored TIMEOUT/ERROR results are solved again.
+    ``engine`` is an open :class:`~phalanx.engines.Engine` (left open) or a registry name
+    (``local``, ``ray``, ``serial``) created with ``workers`` and ``engine_options`` and closed
+    at the end. Each query is one task with a hard timeout (``hard_timeout_s``, default
+    ``2 x time_limit_s + 30`` s); a task that is killed, crashes or raises is stored as a TIMEOUT
+    or ERROR verdict. Records are appended to the store by this (driver) process as they finish,
+    so a killed run resumes where it stopped. ``points`` is (P, in_dim) float64; ``spec.point``
+    indexes it. Returns one record per spec, in order. With ``retry_undecided`` stored
+    TIMEOUT/ERROR results are solved again.
     """
+    from phalanx.verification import create_verifier
+
     store = store if store is not None else ResultStore()
     pts = np.asarray(points, dtype=np.float64).reshape(len(points), -1)
+    for s in specs:
+        bad = [i for i in s.members if not 0 <= i < len(cands)]
+        if bad:
+            raise PhalanxError(f"member indices {bad} out of range; accepted: 0..{len(cands) - 1}")
+        if not 0 <= s.point < len(pts):
+            raise PhalanxError(f"point index {s.point} out of range; accepted: 0..{len(pts) - 1}")
     ids = [s.qid(cands, pts[s.point]) for s in specs]
-    todo, seen = [], set()
+    todo: dict[str, QuerySpec] = {}
     for s, q in zip(specs, ids, strict=True):
         rec = store.get(q)
-        if q in seen or (rec is not None and (rec.result.verdict.decided or not retry_undecided)):
+        if q in todo or (rec is not None and (rec.result.verdict.decided or not retry_undecided)):
             continue
-        seen.add(q)
-        todo.append(s)
+        todo[q] = s
     log.info("%d queries, %d already in the store, %d to solve", len(specs), len(specs) - len(todo), len(todo))
     opts = dict(options or {})
     if todo:
-        if workers <= 1:
-            _init_worker(cands, pts, backend, opts, time_limit_s)
-            it: Iterator[dict[str, Any]] = (_solve(s) for s in todo)
-            it = progress(it, len(todo)) if progress else it
-            for d in it:
-                store.add(Record.from_json(d))
-        else:
-            ctx = mp.get_context("spawn")
-            with ctx.Pool(workers, initializer=_init_worker, initargs=(cands, pts, backend, opts, time_limit_s)) as pool:
-                it = pool.imap_unordered(_solve, todo)
-                it = progress(it, len(todo)) if progress else it
-                for d in it:
-                    store.add(Record.from_json(d))
-    out = []
+        create_verifier(backend, **opts)  # a bad backend or option fails here, before any work is farmed out
+        limit = hard_timeout_s if hard_timeout_s is not None else HARD_TIMEOUT_FACTOR * time_limit_s + HARD_TIMEOUT_GRACE_S
+        setup = Setup(_init_worker, (cands, pts, backend, opts, time_limit_s),
+                      token=_setup_token(cands, pts, backend, opts, time_limit_s))
+        tasks = [Task(q, _solve, (s,), timeout_s=limit) for q, s in todo.items()]
+        eng = query_engine(engine, workers, **(engine_options or {})) if isinstance(engine, str) else engine
+        try:
+            it: Iterator[Outcome] = eng.run(tasks, setup=setup)
+            it = progress(it, len(tasks)) if progress else it
+            for out in it:
+                store.add(_record(out, todo[out.key], out.key, backend))
+        finally:
+            if isinstance(engine, str):
+                eng.close()
+    out_recs = []
     for s, q in zip(specs, ids, strict=True):
         rec = store.get(q)
         assert rec is not None
         # the stored spec may come from another run (another point index for the same point)
-        out.append(Record(q, s, rec.result))
-    return out
+        out_recs.append(Record(q, s, rec.result))
+    return out_recs

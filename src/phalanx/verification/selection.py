@@ -22,9 +22,10 @@ from typing import Any
 import numpy as np
 import torch
 
+from phalanx.engines import Engine
 from phalanx.errors import PhalanxError
 from phalanx.verification.query import QueryKind, Verdict
-from phalanx.verification.runner import Candidates, QuerySpec, Record, ResultStore, run_queries
+from phalanx.verification.runner import Candidates, QuerySpec, Record, ResultStore, query_engine, run_queries
 from phalanx.verification.scores import ScoreTable
 
 log = logging.getLogger(__name__)
@@ -40,6 +41,8 @@ class SelectionConfig:
     backend_options: dict[str, Any] = field(default_factory=dict)
     time_limit_s: float = 60.0
     workers: int = 1
+    engine: str = "local"  # where queries run (see phalanx.engines); engine_options e.g. {"address": "auto"}
+    engine_options: dict[str, Any] = field(default_factory=dict)
     max_iters: int = 10
     time_budget_s: float | None = None
     initial: tuple[int, ...] | None = None
@@ -105,8 +108,13 @@ def _pairs(members: Sequence[int]) -> list[tuple[int, int]]:
 
 
 def select_members(cands: Candidates, points: np.ndarray, labels: Sequence[int], cfg: SelectionConfig, *,
-                   store: ResultStore | None = None, progress: Progress | None = None) -> SelectionResult:
-    """Run the iterative scheme of section III-C on agreement ``points`` (P, in_dim)."""
+                   store: ResultStore | None = None, progress: Progress | None = None,
+                   engine: Engine | None = None) -> SelectionResult:
+    """Run the iterative scheme of section III-C on agreement ``points`` (P, in_dim). Queries run
+    on ``engine`` (left open) or on one created from ``cfg.engine`` for the whole selection."""
+    if engine is None:
+        with query_engine(cfg.engine, cfg.workers, **cfg.engine_options) as eng:
+            return select_members(cands, points, labels, cfg, store=store, progress=progress, engine=eng)
     n = len(cands)
     if cfg.k >= n:
         raise PhalanxError(f"selection needs more candidates than members: k={cfg.k}, candidates={n}")
@@ -124,8 +132,8 @@ def select_members(cands: Candidates, points: np.ndarray, labels: Sequence[int],
         specs = [QuerySpec(pair, p, float(e), int(labels[p])) for e in cfg.eps for pair in pairs for p in range(m)]
         before = len(store.records)
         recs = run_queries(cands, points, specs, backend=cfg.backend, options=cfg.backend_options,
-                           time_limit_s=cfg.time_limit_s, workers=cfg.workers, store=store, progress=progress,
-                           retry_undecided=cfg.retry_undecided)
+                           time_limit_s=cfg.time_limit_s, store=store, progress=progress,
+                           retry_undecided=cfg.retry_undecided, engine=engine)
         mine.update((r.qid, r) for r in recs)
         return recs, len(store.records) - before
 
@@ -199,9 +207,12 @@ def verified_robust_accuracy(cands: Candidates, members: Sequence[int], x: torch
                              eps_list: Sequence[float], *, combiner: str = "mean-logits", backend: str = "portfolio",
                              options: dict[str, Any] | None = None, time_limit_s: float = 60.0, workers: int = 1,
                              store: ResultStore | None = None, progress: Progress | None = None,
-                             pgd_steps: int = 50, pgd_restarts: int = 2, seed: int = 0) -> dict[str, Any]:
+                             pgd_steps: int = 50, pgd_restarts: int = 2, seed: int = 0,
+                             engine: Engine | str = "local", engine_options: dict[str, Any] | None = None,
+                             ) -> dict[str, Any]:
     """Per eps: verified robust accuracy (UNSAT and clean-correct), its upper bound (counting
-    undecided as robust), and the PGD estimate on the same points (appendix A, section IV)."""
+    undecided as robust), and the PGD estimate on the same points (appendix A, section IV).
+    Queries run on ``engine`` (see :func:`~phalanx.verification.runner.run_queries`)."""
     from phalanx.attacks import create_attack
     from phalanx.ensembles import Ensemble
     from phalanx.types import Norm, ThreatModel
@@ -220,7 +231,7 @@ def verified_robust_accuracy(cands: Candidates, members: Sequence[int], x: torch
     idx = [int(i) for i in correct.nonzero().flatten()]
     specs = [QuerySpec(mem, p, float(e), int(y[p]), kind=kind.value) for e in eps_list for p in idx]
     recs = run_queries(cands, pts, specs, backend=backend, options=options, time_limit_s=time_limit_s,
-                       workers=workers, store=store, progress=progress)
+                       workers=workers, store=store, progress=progress, engine=engine, engine_options=engine_options)
     by = {(r.spec.eps, r.spec.point): r for r in recs}
     rows = []
     gen = torch.Generator().manual_seed(seed)

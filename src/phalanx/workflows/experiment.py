@@ -20,6 +20,7 @@ from phalanx.evaluation import evaluate_clean, robust_accuracy_curve
 from phalanx.reports import curves_table, pct, plot_accuracy_curves, plot_training_history, table
 from phalanx.runs import environment, write_json, write_results
 from phalanx.training import FitResult, create_method, fit, resolve_device
+from phalanx.training.distributed import is_main
 from phalanx.training.loop import Callback
 
 log = logging.getLogger(__name__)
@@ -45,8 +46,9 @@ def train_run(cfg: RunConfig, run_dir: Path, *, resume: bool = False, progress: 
             if prev.get(sec) != resolved[sec]:
                 raise PhalanxError(f"cannot resume {run_dir}: [{sec}] differs from the saved config "
                                    f"({prev.get(sec)} vs {resolved[sec]})")
-    write_json(run_dir / "config.json", resolved)
-    write_json(run_dir / "environment.json", environment(cfg.train.seed, str(resolve_device(cfg.train.device))))
+    if is_main():  # in a distributed run, rank 0 alone writes
+        write_json(run_dir / "config.json", resolved)
+        write_json(run_dir / "environment.json", environment(cfg.train.seed, str(resolve_device(cfg.train.device))))
     if init is None and cfg.model.init is not None:
         from phalanx.ensembles import Combiner
 

@@ -21,7 +21,7 @@ from phalanx.verification.report import (
     summary_markdown,
     verdict_summary,
 )
-from phalanx.verification.runner import Candidates, ResultStore, run_queries
+from phalanx.verification.runner import Candidates, ResultStore, query_engine, run_queries
 from phalanx.verification.scores import ScoreTable, agreement_points, pair_specs
 from phalanx.verification.selection import (
     SelectionConfig,
@@ -57,6 +57,8 @@ class VerifyConfig:
     backend_options: dict[str, Any] = field(default_factory=dict)
     time_limit_s: float = 60.0
     workers: int = 1
+    engine: str = "local"  # where queries run: local, ray, serial (phalanx.engines)
+    engine_options: dict[str, Any] = field(default_factory=dict)  # e.g. {"address": "auto"} for ray
     runner_up: bool = False
     split: str = "val"
     data_dir: str | None = None
@@ -81,6 +83,13 @@ class VerifyConfig:
             raise PhalanxError(f"time limit must be > 0 s, got {self.time_limit_s}")
         if self.workers < 1:
             raise PhalanxError(f"workers must be >= 1, got {self.workers}")
+        from phalanx.engines import ENGINES
+
+        ENGINES.get(self.engine)
+
+    def open_engine(self) -> Any:
+        """The engine the queries of one command run on (a context manager)."""
+        return query_engine(self.engine, self.workers, **self.engine_options)
 
 
 def _store(cfg: VerifyConfig, path: Path) -> ResultStore:
@@ -119,14 +128,15 @@ def verify_pairs(checkpoint: str | Path, run_dir: Path, cfg: VerifyConfig, *, pr
     (Defs. 3, 4), the G.A. comparison (table III analogue) and a report."""
     from phalanx.runs import write_json
 
-    _, cands, data = load_candidates(checkpoint, cfg.data_dir)
-    mem = _members(cfg, len(cands))
-    _, y, pts = _agreement(cands, data, cfg)
-    specs = pair_specs(mem, len(pts), cfg.eps, y.tolist(), subset_size=cfg.subset_size, runner_up=cfg.runner_up)
-    store = _store(cfg, run_dir / "queries.jsonl")
-    recs = run_queries(cands, pts, specs, backend=cfg.backend, options=cfg.backend_options,
-                       time_limit_s=cfg.time_limit_s, workers=cfg.workers, store=store,
-                       progress=tqdm_progress("mutual-error queries", progress))
+    with cfg.open_engine() as eng:  # first: its workers start while the candidates and points are prepared
+        _, cands, data = load_candidates(checkpoint, cfg.data_dir)
+        mem = _members(cfg, len(cands))
+        _, y, pts = _agreement(cands, data, cfg)
+        specs = pair_specs(mem, len(pts), cfg.eps, y.tolist(), subset_size=cfg.subset_size, runner_up=cfg.runner_up)
+        store = _store(cfg, run_dir / "queries.jsonl")
+        recs = run_queries(cands, pts, specs, backend=cfg.backend, options=cfg.backend_options,
+                           time_limit_s=cfg.time_limit_s, store=store, engine=eng,
+                           progress=tqdm_progress("mutual-error queries", progress))
     table = ScoreTable.from_records(recs, mem, cfg.eps, len(pts)) if cfg.subset_size == 2 else None
     summary = verdict_summary(recs)
     comparison = attack_comparison(cands, recs, pts)
@@ -169,10 +179,11 @@ def verify_ensemble(checkpoint: str | Path, run_dir: Path, cfg: VerifyConfig, *,
     gen = torch.Generator().manual_seed(cfg.seed)
     split = data.test
     idx = torch.randperm(len(split), generator=gen)[:cfg.points]
-    val = verified_robust_accuracy(cands, mem, split.x[idx], split.y[idx], cfg.eps, combiner=comb,
-                                   backend=cfg.backend, options=cfg.backend_options, time_limit_s=cfg.time_limit_s,
-                                   workers=cfg.workers, store=_store(cfg, run_dir / "queries.jsonl"),
-                                   progress=tqdm_progress("ensemble queries", progress), seed=cfg.seed)
+    with cfg.open_engine() as eng:
+        val = verified_robust_accuracy(cands, mem, split.x[idx], split.y[idx], cfg.eps, combiner=comb,
+                                       backend=cfg.backend, options=cfg.backend_options, time_limit_s=cfg.time_limit_s,
+                                       store=_store(cfg, run_dir / "queries.jsonl"), engine=eng,
+                                       progress=tqdm_progress("ensemble queries", progress), seed=cfg.seed)
     out = {"config": asdict(cfg), "checkpoint": str(checkpoint), "robustness": val}
     write_json(run_dir / "verify_ensemble.json", out)
     (run_dir / "report.md").write_text(f"# phalanx verify ensemble: {checkpoint}\n\n"
@@ -196,34 +207,38 @@ def select(checkpoint: str | Path, run_dir: Path, cfg: VerifyConfig, *, k: int, 
     ens, cands, data = load_candidates(checkpoint, cfg.data_dir)
     _, y, pts = _agreement(cands, data, cfg)
     scfg = SelectionConfig(k=k, eps=tuple(cfg.eps), backend=cfg.backend, backend_options=cfg.backend_options,
-                           time_limit_s=cfg.time_limit_s, workers=cfg.workers, max_iters=max_iters,
+                           time_limit_s=cfg.time_limit_s, workers=cfg.workers, engine=cfg.engine,
+                           engine_options=cfg.engine_options, max_iters=max_iters,
                            time_budget_s=time_budget_s, initial=tuple(initial) if initial is not None else None)
-    store = _store(cfg, run_dir / "queries.jsonl")
-    res = select_members(cands, pts, y.tolist(), scfg, store=store, progress=tqdm_progress("selection", progress))
-    out: dict[str, Any] = {"config": asdict(cfg), "k": k, "checkpoint": str(checkpoint), "agreement_points": len(pts),
-                           "selection": res.to_json()}
-    lines = [f"# phalanx select: {checkpoint}", "", scope_line(data.name, len(pts), "agreement points (val split)"),
-             "", f"{len(cands)} candidates, k = {k}, {len(pts)} agreement "
-             f"points, eps {list(cfg.eps)}, backend {cfg.backend}.", "", res.markdown(), "",
-             "Initial ensemble:", "", res.initial_table.markdown(), "", "Final ensemble:", "",
-             res.final_table.markdown(), ""]
-    source = ens.combiner.value
-    rule = combiner or "mean-logits"
-    if validate_points > 0:
-        if rule != source:
-            lines += [f"Validation verifies the `{rule}` combination of the members; the checkpoint combines by "
-                      f"`{source}`, which cannot be encoded exactly.", ""]
-        gen = torch.Generator().manual_seed(cfg.seed)
-        idx = torch.randperm(len(data.test), generator=gen)[:validate_points]
-        vx, vy = data.test.x[idx], data.test.y[idx]
-        vstore = _store(cfg, run_dir / "validation.jsonl")
-        before, after = (verified_robust_accuracy(cands, members, vx, vy, cfg.eps, combiner=rule,
-                                                  backend=cfg.backend, options=cfg.backend_options,
-                                                  time_limit_s=cfg.time_limit_s, workers=cfg.workers, store=vstore,
-                                                  seed=cfg.seed)
-                         for members in (res.initial, res.final))
-        out["validation"] = {"combiner": rule, "before": before, "after": after}
-        lines += ["## Validation on random test points", "", robust_markdown(before), "", robust_markdown(after), ""]
+    with cfg.open_engine() as eng:  # one engine (warm workers) for the selection and its validation
+        store = _store(cfg, run_dir / "queries.jsonl")
+        res = select_members(cands, pts, y.tolist(), scfg, store=store, progress=tqdm_progress("selection", progress),
+                             engine=eng)
+        out: dict[str, Any] = {"config": asdict(cfg), "k": k, "checkpoint": str(checkpoint),
+                               "agreement_points": len(pts), "selection": res.to_json()}
+        lines = [f"# phalanx select: {checkpoint}", "", scope_line(data.name, len(pts), "agreement points (val split)"),
+                 "", f"{len(cands)} candidates, k = {k}, {len(pts)} agreement "
+                 f"points, eps {list(cfg.eps)}, backend {cfg.backend}.", "", res.markdown(), "",
+                 "Initial ensemble:", "", res.initial_table.markdown(), "", "Final ensemble:", "",
+                 res.final_table.markdown(), ""]
+        source = ens.combiner.value
+        rule = combiner or "mean-logits"
+        if validate_points > 0:
+            if rule != source:
+                lines += [f"Validation verifies the `{rule}` combination of the members; the checkpoint combines by "
+                          f"`{source}`, which cannot be encoded exactly.", ""]
+            gen = torch.Generator().manual_seed(cfg.seed)
+            idx = torch.randperm(len(data.test), generator=gen)[:validate_points]
+            vx, vy = data.test.x[idx], data.test.y[idx]
+            vstore = _store(cfg, run_dir / "validation.jsonl")
+            before, after = (verified_robust_accuracy(cands, members, vx, vy, cfg.eps, combiner=rule,
+                                                      backend=cfg.backend, options=cfg.backend_options,
+                                                      time_limit_s=cfg.time_limit_s, store=vstore, seed=cfg.seed,
+                                                      engine=eng)
+                             for members in (res.initial, res.final))
+            out["validation"] = {"combiner": rule, "before": before, "after": after}
+            lines += ["## Validation on random test points", "", robust_markdown(before), "", robust_markdown(after),
+                      ""]
     from phalanx.ensembles import Ensemble
 
     keep = combiner if combiner is not None and combiner != "majority" else source
