@@ -49,6 +49,18 @@ def _attack(**kw: object) -> Verifier:
     return AttackVerifier(**kw)  # type: ignore[arg-type]
 
 
+def _crown(**kw: object) -> Verifier:
+    from phalanx.verification.bab import CrownVerifier
+
+    return CrownVerifier(**kw)  # type: ignore[arg-type]
+
+
+def _bab(**kw: object) -> Verifier:
+    from phalanx.verification.bab import BabVerifier
+
+    return BabVerifier(**kw)  # type: ignore[arg-type]
+
+
 def _portfolio(**kw: object) -> Verifier:
     from phalanx.verification.portfolio import Portfolio
 
@@ -58,6 +70,8 @@ def _portfolio(**kw: object) -> Verifier:
 BACKENDS.add("smt", _smt, "z3 SMT over exact rationals (small networks); pip install 'phalanx[smt]'")
 BACKENDS.add("marabou", _marabou, "Marabou 2.0, one process per query; pip install 'phalanx[marabou]'")
 BACKENDS.add("attack", _attack, "incomplete: joint gradient attack (G.A. 3 / PGD), SAT only")
+BACKENDS.add("crown", _crown, "incomplete: joint back-substituted (alpha-)CROWN bounds over all members, UNSAT only")
+BACKENDS.add("bab", _bab, "complete: branch and bound over ReLU splits with joint CROWN bounds, MILP at the leaves")
 BACKENDS.add("portfolio", _portfolio, "attack, then bounds, then a complete backend (default milp)")
 
 

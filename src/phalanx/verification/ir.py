@@ -24,11 +24,49 @@ from phalanx.errors import PhalanxError
 
 
 @dataclass(frozen=True, eq=False)
+class Conv:
+    """A bias-free 2-d convolution factor from ``in_shape`` (C, H, W) to ``out_shape``."""
+
+    weight: np.ndarray  # (out_channels, in_channels / groups, kh, kw)
+    stride: tuple[int, int]
+    padding: tuple[int, int]
+    dilation: tuple[int, int]
+    groups: int
+    in_shape: tuple[int, int, int]
+    out_shape: tuple[int, int, int]
+
+
+@dataclass(frozen=True, eq=False)
+class Diag:
+    """Elementwise scaling ``y = d * x`` (input normalization, eval-mode BatchNorm)."""
+
+    scale: np.ndarray
+
+
+@dataclass(frozen=True, eq=False)
+class Dense:
+    """``y = W x`` for a dense ``W`` of shape (out, in)."""
+
+    weight: np.ndarray
+
+
+#: one linear factor of an affine op's weight (bias-free); see :attr:`Affine.factors`
+Factor = Union[Conv, Diag, Dense]  # noqa: UP007
+
+
+@dataclass(frozen=True, eq=False)
 class Affine:
-    """``y = W x + b`` with ``W`` of shape (out, in)."""
+    """``y = W x + b`` with ``W`` of shape (out, in).
+
+    ``factors``, when known, is the same linear map as a chain (applied first to last) of
+    convolutions, diagonal scalings and dense matrices, so that bound propagation can apply
+    ``W`` and ``W^T`` as convolutions / transposed convolutions instead of dense products
+    (``crown.py``); ``W`` stays the exact reference every backend reads. ``None``: dense only.
+    """
 
     weight: np.ndarray
     bias: np.ndarray
+    factors: tuple[Factor, ...] | None = None
 
 
 @dataclass(frozen=True)
@@ -185,7 +223,56 @@ def _affine_of(module: nn.Module, shape: tuple[int, ...]) -> tuple[Affine, tuple
     if not np.allclose(got.numpy(), want, rtol=0.0, atol=1e-9 * scale):
         raise PhalanxError(f"layer {type(module).__name__} is not affine per sample in eval mode (e.g. BatchNorm "
                            "without running statistics); accepted: affine layers with eval-mode statistics")
-    return Affine(w, bias), out_shape
+    factors = _factors_of(m, w, shape, out_shape)
+    if factors is not None:  # keep the structure only where it reproduces W
+        lin = probe.reshape(3, -1).numpy()
+        if not np.allclose(apply_factors(factors, lin), lin @ w.T, rtol=0.0, atol=1e-9 * scale):
+            factors = None
+    return Affine(w, bias, factors), out_shape
+
+
+def _factors_of(m: nn.Module, w: np.ndarray, shape: tuple[int, ...],
+                out_shape: tuple[int, ...]) -> tuple[Factor, ...] | None:
+    """The structure of an affine module's weight: a convolution for Conv2d / AvgPool2d, a
+    diagonal for elementwise modules, nothing for reshapes, dense for Linear; None if unknown."""
+    if isinstance(m, (nn.Flatten, nn.Identity, nn.Dropout)):
+        return ()
+    if isinstance(m, nn.Conv2d) and len(shape) == 3 and len(out_shape) == 3 and not isinstance(m.padding, str) \
+            and m.padding_mode == "zeros":
+        return (Conv(m.weight.detach().double().numpy().copy(), _pair(m.stride), _pair(m.padding),
+                     _pair(m.dilation), int(m.groups), _triple(shape), _triple(out_shape)),)
+    if isinstance(m, nn.AvgPool2d) and len(shape) == 3 and len(out_shape) == 3 and not m.ceil_mode \
+            and m.divisor_override is None and (m.count_include_pad or _pair(m.padding) == (0, 0)):
+        kh, kw = _pair(m.kernel_size)
+        c = shape[0]
+        ker = np.full((c, 1, kh, kw), 1.0 / (kh * kw))
+        return (Conv(ker, _pair(m.stride if m.stride is not None else m.kernel_size), _pair(m.padding), (1, 1), c,
+                     _triple(shape), _triple(out_shape)),)
+    if w.shape[0] == w.shape[1] and np.count_nonzero(w - np.diag(np.diagonal(w))) == 0:
+        return (Diag(np.diagonal(w).copy()),)
+    if isinstance(m, nn.Linear) and len(shape) == 1:
+        return (Dense(w),)
+    return None
+
+
+def _triple(s: tuple[int, ...]) -> tuple[int, int, int]:
+    return int(s[0]), int(s[1]), int(s[2])
+
+
+def apply_factors(factors: tuple[Factor, ...], h: np.ndarray) -> np.ndarray:
+    """``h @ W.T`` for a (B, in) batch, applying the factors as convolutions (float64 torch)."""
+    import torch.nn.functional as F
+
+    t = torch.as_tensor(np.ascontiguousarray(h, dtype=np.float64))
+    for f in factors:
+        if isinstance(f, Conv):
+            t = F.conv2d(t.reshape(-1, *f.in_shape), torch.as_tensor(f.weight), None, f.stride, f.padding,
+                         f.dilation, f.groups).reshape(t.shape[0], -1)
+        elif isinstance(f, Diag):
+            t = t * torch.as_tensor(f.scale)
+        else:
+            t = t @ torch.as_tensor(f.weight).T
+    return t.numpy()
 
 
 def _double_eval(module: nn.Module) -> nn.Module:
@@ -203,7 +290,8 @@ def _merge(ops: list[Op]) -> list[Op]:
         if isinstance(op, Affine) and out and isinstance(out[-1], Affine):
             prev = out.pop()
             assert isinstance(prev, Affine)
-            out.append(Affine(op.weight @ prev.weight, op.weight @ prev.bias + op.bias))
+            factors = None if prev.factors is None or op.factors is None else prev.factors + op.factors
+            out.append(Affine(op.weight @ prev.weight, op.weight @ prev.bias + op.bias, factors))
         else:
             out.append(op)
     return out

@@ -1,0 +1,241 @@
+"""Back-substituted joint bounds as a verifier (``crown``) and branch and bound over ReLU splits (``bab``).
+
+``crown`` (incomplete): CROWN / alpha-CROWN bounds of every member (``crown.py``) combined into
+joint bounds of the query (``joint.py``); UNSAT when they refute the property, else undecided.
+
+``bab`` (complete): branch and bound over ReLU phase splits (Bunel et al. 2020, "Branch and
+bound for piecewise linear neural network verification"; the bounding of each domain by
+back-substitution with the split neurons' intervals clamped, as in beta-CROWN's domains, Wang et
+al. 2021, without its split multipliers). Each domain is
+
+1. bounded jointly over the members (``joint.evaluate``): refuted domains are closed, and
+   the bounds' maximisers are re-checked as SAT candidates;
+2. split on the unstable neuron with the best BaBSR score (Bunel et al. 2020, sec. 5.1: the
+   intercept of the neuron's upper relaxation times the positive part of its back-substituted
+   objective coefficient), into ``z >= 0`` and ``z <= 0``; a child's bounds are recomputed from the
+   split layer on and intersected with its parent's (which hold on a superset);
+3. handed to the exact MILP (``backends.build_milp`` with the domain's bounds, whose clamped
+   intervals enforce the splits) once at most ``leaf_unstable`` unstable neurons remain, so the
+   search is complete: every leaf is refuted by bounds, an empty split domain, an infeasible
+   MILP, or yields a re-checked witness.
+
+UNSAT only when every domain is closed that way; SAT only with a witness re-checked in float64
+PyTorch; TIMEOUT otherwise (never UNSAT on a time limit). After ``bab_share`` of the time limit
+the open search is abandoned for the MILP on the whole query with the root's (tighter) bounds.
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from phalanx.verification.backends import FAST_HIGHS_OPTIONS, QueryBounds, Verifier, build_milp
+from phalanx.verification.bounds import NetworkBounds
+from phalanx.verification.crown import _act_relax, forward_floor
+from phalanx.verification.joint import NodeBounds, Setup, evaluate, member_bounds, setup
+from phalanx.verification.query import Query, Verdict, VerificationResult, property_holds, recheck
+
+
+def root_bounds(query: Query, *, forward: bool = True, device: str | torch.device | None = None,
+                alpha_steps: int = 0, joint: bool = True, record: bool = False) -> tuple[Setup, NodeBounds]:
+    """The query's joint bounds on the whole box (intermediate bounds also intersected with the
+    forward linear bounds when ``forward``)."""
+    st = setup(query, device)
+    lo, hi = query.box()
+    pres = [member_bounds(st, i, floor=forward_floor(net, lo, hi, g) if forward else None)
+            for i, (net, g) in enumerate(zip(query.nets, st.graphs, strict=True))]
+    return st, evaluate(st, pres, alpha_steps=alpha_steps, record=record, joint=joint)
+
+
+def query_bounds_of(st: Setup, nb: NodeBounds) -> QueryBounds:
+    """A node's bounds in the form the MILP encoder reads."""
+    nets = tuple(NetworkBounds(tuple((a.cpu().numpy(), b.cpu().numpy()) for a, b in p.pre),
+                               (p.out[0].cpu().numpy(), p.out[1].cpu().numpy())) for p in nb.pre)
+    groups = range(st.query.num_groups)
+    ups = tuple(nb.upper[st.group_of == g] for g in groups)
+    lows = tuple(nb.lower[st.group_of == g] for g in groups)
+    return QueryBounds(nets, ups, lows)
+
+
+def _first_witness(query: Query, cands: list[np.ndarray]) -> tuple[np.ndarray, str, dict[str, Any]] | None:
+    """The first candidate that satisfies the property in the float64 IR and re-checks in PyTorch."""
+    for x in cands:
+        logits = np.stack([n.forward(x) for n in query.nets])
+        if property_holds(query, logits)[0]:
+            w, msg, det = recheck(query, x)
+            if w is not None:
+                return w, msg, det
+    return None
+
+
+class CrownVerifier(Verifier):
+    """Incomplete: UNSAT when joint (alpha-)CROWN bounds refute the query, else TIMEOUT (undecided)."""
+
+    name = "crown"
+    complete = False
+
+    def __init__(self, alpha_steps: int = 20, joint: bool = True, forward: bool = True,
+                 device: str | None = None) -> None:
+        self.alpha_steps, self.joint, self.forward, self.device = alpha_steps, joint, forward, device
+
+    def verify(self, query: Query, *, time_limit_s: float = 0.0) -> VerificationResult:
+        t0 = time.perf_counter()
+        _, nb = root_bounds(query, forward=self.forward, device=self.device, alpha_steps=self.alpha_steps,
+                            joint=self.joint)
+        if nb.unsat and query.complete:
+            return self._result(Verdict.UNSAT, t0, message=nb.reason)
+        return self._result(Verdict.TIMEOUT, t0, message="bounds inconclusive (incomplete method)",
+                            details={"max_upper": float(nb.upper.max())})
+
+
+@dataclass
+class _Domain:
+    splits: list[dict[int, torch.Tensor]]  # per member: act index -> (n,) signs
+    nb: NodeBounds
+    depth: int
+
+
+def _unstable(nb: NodeBounds, st: Setup) -> int:
+    n = 0
+    for p, g, u in zip(nb.pre, st.graphs, st.users, strict=True):
+        if u:
+            n += sum(int(((lo < 0) & (hi > 0)).sum()) for (lo, hi), i in zip(p.pre, g.acts, strict=True)
+                     if g.nodes[i].kind == "act")
+    return n
+
+
+def branch_choice(st: Setup, nb: NodeBounds) -> tuple[int, int, int] | None:
+    """``(member, act index, neuron)`` with the best BaBSR-style score, or None when no unstable
+    (leaky) ReLU remains."""
+    assert nb.forms is not None
+    d = st.rows.shape[0]
+    live = torch.as_tensor(np.concatenate([nb.upper >= -1e-9, np.zeros(d, dtype=bool)]), device=st.x_lo.device)
+    best: tuple[float, float, tuple[int, int, int]] | None = None
+    part = 0
+    for i, (p, g, u) in enumerate(zip(nb.pre, st.graphs, st.users, strict=True)):
+        if not u:
+            continue
+        rec = nb.forms.rec[part]
+        part += 1
+        for k, node_id in enumerate(g.acts):
+            node = g.nodes[node_id]
+            if node.kind != "act" or k not in rec:
+                continue
+            lo, hi = p.pre[k]
+            _, tu, _, unstable = _act_relax(lo, hi, node.slope)
+            if not bool(unstable.any()):
+                continue
+            coef = rec[k][live]
+            score = (coef.clamp(min=0.0) * tu).sum(0)
+            tie = (coef.abs().sum(0) * torch.minimum(hi, -lo))
+            score = torch.where(unstable, score, torch.full_like(score, -1.0))
+            tie = torch.where(unstable, tie, torch.full_like(tie, -1.0))
+            j = int(torch.argmax(score + 1e-9 * tie))
+            key = (float(score[j]), float(tie[j]), (i, k, j))
+            if best is None or key[:2] > best[:2]:
+                best = key
+    return None if best is None else best[2]
+
+
+class BabVerifier(Verifier):
+    """Complete: branch and bound over ReLU splits with joint CROWN bounds, MILP at small leaves
+    and as the fallback (see the module docstring)."""
+
+    name = "bab"
+
+    def __init__(self, alpha_steps: int = 20, node_alpha_steps: int = 8, leaf_unstable: int = 12,
+                 bab_share: float = 0.7, threads: int = 1, forward: bool = True, device: str | None = None) -> None:
+        self.alpha_steps, self.node_alpha_steps, self.leaf_unstable = alpha_steps, node_alpha_steps, leaf_unstable
+        self.bab_share, self.threads, self.forward, self.device = bab_share, threads, forward, device
+
+    def verify(self, query: Query, *, time_limit_s: float) -> VerificationResult:
+        t0 = time.perf_counter()
+        deadline = t0 + time_limit_s
+        st, root = root_bounds(query, forward=self.forward, device=self.device, alpha_steps=self.alpha_steps,
+                               record=True)
+        stats = {"domains": 1, "milp_leaves": 0, "max_depth": 0}
+        if root.unsat and query.complete:
+            return self._result(Verdict.UNSAT, t0, message=f"root bounds: {root.reason}", details=stats)
+        w = _first_witness(query, root.candidates)
+        if w is not None:
+            return self._result(Verdict.SAT, t0, counterexample=w[0], message=f"bounds' maximiser: {w[1]}",
+                                details={**w[2], **stats})
+        tie = itertools.count()
+        heap: list[tuple[float, int, _Domain]] = []
+        heapq.heappush(heap, (-float(root.upper.max()), next(tie), _Domain([{} for _ in query.nets], root, 0)))
+        bab_until = t0 + self.bab_share * time_limit_s
+        while heap:
+            if time.perf_counter() > bab_until:
+                return self._fallback(query, st, root, t0, deadline, stats, len(heap))
+            _, _, dom = heapq.heappop(heap)
+            choice = branch_choice(st, dom.nb) if _unstable(dom.nb, st) > self.leaf_unstable else None
+            if choice is None:
+                r = self._leaf_milp(query, st, dom.nb, t0, deadline, stats)
+                if r is not None:
+                    return r
+                continue
+            i, k, j = choice
+            for sign in (1, -1):
+                splits = [dict(s) for s in dom.splits]
+                sg = splits[i].get(k)
+                sg = torch.zeros_like(dom.nb.pre[i].pre[k][0], dtype=torch.int8) if sg is None else sg.clone()
+                sg[j] = sign
+                splits[i][k] = sg
+                pres = list(dom.nb.pre)
+                pres[i] = member_bounds(st, i, splits[i], floor=dom.nb.pre[i].pre, start=k + 1)
+                nb = evaluate(st, pres, alpha_steps=self.node_alpha_steps, record=True, splits=splits)
+                stats["domains"] += 1
+                stats["max_depth"] = max(stats["max_depth"], dom.depth + 1)
+                if nb.unsat:
+                    continue
+                w = _first_witness(query, nb.candidates)
+                if w is not None:
+                    return self._result(Verdict.SAT, t0, counterexample=w[0],
+                                        message=f"branch and bound (depth {dom.depth + 1}): {w[1]}",
+                                        details={**w[2], **stats})
+                heapq.heappush(heap, (-float(nb.upper.max()), next(tie), _Domain(splits, nb, dom.depth + 1)))
+        if not query.complete:
+            return self._result(Verdict.TIMEOUT, t0, message="runner-up query refuted: proves nothing", details=stats)
+        return self._result(Verdict.UNSAT, t0, message=f"branch and bound: all {stats['domains']} domains refuted",
+                            details=stats)
+
+    def _milp(self, query: Query, st: Setup, nb: NodeBounds, t0: float, deadline: float,
+              stats: dict[str, int], where: str) -> VerificationResult | None:
+        """Solve a domain (``nb``'s bounds, whose clamped intervals enforce its splits) as the
+        exact MILP with the time left; None when it is infeasible (refuted)."""
+        left = deadline - time.perf_counter()
+        if left <= 0:
+            return self._result(Verdict.TIMEOUT, t0, message="time limit in branch and bound", details=stats)
+        model, x, _ = build_milp(query, query_bounds_of(st, nb))
+        model.options = dict(FAST_HIGHS_OPTIONS)
+        out = model.solve(left, threads=self.threads)
+        if out.status == "infeasible":
+            return None
+        if out.values is not None and (out.objective or 0.0) > 0.0:
+            unconfirmed = Verdict.TIMEOUT if out.status == "timeout" else Verdict.ERROR
+            return self._sat_or_error(query, out.values[x], t0, unconfirmed=unconfirmed, **stats)
+        if out.status == "timeout":
+            return self._result(Verdict.TIMEOUT, t0, message=f"time limit in the {where} MILP", details=stats)
+        return self._result(Verdict.ERROR, t0, message=f"{where} MILP: {out.status} {out.message}", details=stats)
+
+    def _leaf_milp(self, query: Query, st: Setup, nb: NodeBounds, t0: float, deadline: float,
+                   stats: dict[str, int]) -> VerificationResult | None:
+        stats["milp_leaves"] += 1
+        return self._milp(query, st, nb, t0, deadline, stats, "leaf")
+
+    def _fallback(self, query: Query, st: Setup, root: NodeBounds, t0: float, deadline: float,
+                  stats: dict[str, int], open_domains: int) -> VerificationResult:
+        """The whole query as one MILP with the root's joint bounds and the time left."""
+        stats = {**stats, "open_domains": open_domains, "fallback": 1}
+        r = self._milp(query, st, root, t0, deadline, stats, "fallback")
+        if r is not None:
+            return r
+        if not query.complete:
+            return self._result(Verdict.TIMEOUT, t0, message="runner-up query infeasible: proves nothing", details=stats)
+        return self._result(Verdict.UNSAT, t0, message="fallback MILP infeasible", details=stats)
