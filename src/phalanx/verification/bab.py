@@ -4,9 +4,10 @@
 joint bounds of the query (``joint.py``); UNSAT when they refute the property, else undecided.
 
 ``bab`` (complete): branch and bound over ReLU phase splits (Bunel et al. 2020, "Branch and
-bound for piecewise linear neural network verification"; the bounding of each domain by
-back-substitution with the split neurons' intervals clamped, as in beta-CROWN's domains, Wang et
-al. 2021, without its split multipliers). Each domain is
+bound for piecewise linear neural network verification"), each domain bounded by
+back-substitution with the split neurons' intervals clamped and the split constraints
+``s z >= 0`` in the bound through optimised multipliers ``beta >= 0`` (beta-CROWN, Wang et al.
+2021, eq. 6; ``crown.joint_forms``, ``node_alpha_steps`` iterations per domain). Each domain is
 
 1. bounded jointly over the members (``joint.evaluate``): refuted domains are closed, and
    the bounds' maximisers are re-checked as SAT candidates;
@@ -150,8 +151,10 @@ class BabVerifier(Verifier):
     name = "bab"
 
     def __init__(self, alpha_steps: int = 20, node_alpha_steps: int = 8, leaf_unstable: int = 12,
-                 bab_share: float = 0.7, threads: int = 1, forward: bool = True, device: str | None = None) -> None:
+                 bab_share: float = 0.7, threads: int = 1, forward: bool = True, refine_intermediate: bool = False,
+                 device: str | None = None) -> None:
         self.alpha_steps, self.node_alpha_steps, self.leaf_unstable = alpha_steps, node_alpha_steps, leaf_unstable
+        self.refine_intermediate = refine_intermediate
         self.bab_share, self.threads, self.forward, self.device = bab_share, threads, forward, device
 
     def verify(self, query: Query, *, time_limit_s: float) -> VerificationResult:
@@ -188,7 +191,8 @@ class BabVerifier(Verifier):
                 sg[j] = sign
                 splits[i][k] = sg
                 pres = list(dom.nb.pre)
-                pres[i] = member_bounds(st, i, splits[i], floor=dom.nb.pre[i].pre, start=k + 1)
+                pres[i] = member_bounds(st, i, splits[i], floor=dom.nb.pre[i].pre,
+                                        start=k + 1 if self.refine_intermediate else len(st.graphs[i].acts))
                 nb = evaluate(st, pres, alpha_steps=self.node_alpha_steps, record=True, splits=splits)
                 stats["domains"] += 1
                 stats["max_depth"] = max(stats["max_depth"], dom.depth + 1)

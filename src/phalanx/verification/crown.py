@@ -372,7 +372,14 @@ def pre_bounds(g: Graph, x_lo: torch.Tensor, x_hi: torch.Tensor, splits: dict[in
                 lo, hi = floor[k]
             else:
                 plo, phi = b[node.srcs[0]]
-                lo, hi = _refine(g, node.srcs[0], plo, phi, relax, x_lo, x_hi, None)
+                src = g.nodes[node.srcs[0]]
+                # an activation's output bounds are exact from its input's (monotone, elementwise);
+                # a ReLU needs tight bounds only where interval arithmetic leaves it unstable
+                only = None if node.kind == "maxpool" else (plo < 0) & (phi > 0)
+                if src.kind != "act":
+                    lo, hi = _refine(g, node.srcs[0], plo, phi, relax, x_lo, x_hi, only)
+                else:
+                    lo, hi = plo, phi
                 if floor is not None:
                     lo, hi = torch.maximum(lo, floor[k][0]), torch.minimum(hi, floor[k][1])
             if splits is not None and k in splits:

@@ -189,12 +189,26 @@ def certified_max(lam: np.ndarray, a: np.ndarray, c: np.ndarray, c_abs: np.ndarr
 
 
 def _lp_multipliers(a: np.ndarray, c: np.ndarray, lo: np.ndarray, hi: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
-    """Duals of ``max t s.t. t - a_d x <= c_d, lo <= x <= hi`` (HiGHS) and its maximiser."""
+    """Duals of ``max t s.t. t - a_d x <= c_d, lo <= x <= hi`` (HiGHS) and its maximiser; for
+    two rows, the best multiplier on a grid refined around its minimum (the bound is convex in
+    ``lambda``) without an LP."""
     import highspy
 
     m, n = a.shape
     if m == 1:
         return np.ones(1), np.where(a[0] > 0, hi, lo)
+    if m == 2:
+        grid = np.linspace(0.0, 1.0, 33)
+        for _ in range(3):
+            w = grid[:, None] * a[0] + (1 - grid[:, None]) * a[1]
+            val = grid * c[0] + (1 - grid) * c[1] + np.maximum(w * lo, w * hi).sum(1)
+            k = int(np.argmin(val))
+            step = grid[1] - grid[0]
+            best = grid[k]
+            grid = np.linspace(max(best - step, 0.0), min(best + step, 1.0), 17)
+        lam = np.array([best, 1.0 - best])
+        w = lam @ a
+        return lam, np.where(w > 0, hi, lo)
     h = highspy.Highs()
     h.setOptionValue("output_flag", False)
     h.setOptionValue("threads", 1)

@@ -143,12 +143,14 @@ class Portfolio(Verifier):
 
     name = "portfolio"
 
-    def __init__(self, complete: str = "milp", attacks: Sequence[str] | None = None, steps: int = 20,
-                 bounds: str = "linear", member_proofs: bool = True, **complete_options: object) -> None:
+    def __init__(self, complete: str = "bab", attacks: Sequence[str] | None = None, steps: int = 20,
+                 bounds: str = "crown", member_proofs: bool = True, **complete_options: object) -> None:
         from phalanx.verification import create_verifier
 
         self.attack = AttackVerifier(attacks, steps=steps)
-        self.bounds = BoundsVerifier(bounds)
+        # "crown": joint back-substituted bounds over all members (bab.py); "linear" / "interval":
+        # per-member forward bounds (backends.py)
+        self.bounds = create_verifier("crown") if bounds == "crown" else BoundsVerifier(bounds)
         self.backend = create_verifier(complete, **complete_options)
         same_threads = {k: v for k, v in complete_options.items() if k == "threads"}
         self.member_backend = create_verifier("milp", **same_threads) if complete in ("milp", "smt") else self.backend
