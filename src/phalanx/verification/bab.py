@@ -36,7 +36,14 @@ from typing import Any
 import numpy as np
 import torch
 
-from phalanx.verification.backends import FAST_HIGHS_OPTIONS, QueryBounds, Verifier, build_milp
+from phalanx.verification.backends import (
+    BOUND_TOL,
+    FAST_HIGHS_OPTIONS,
+    QueryBounds,
+    Verifier,
+    build_milp,
+    query_bounds,
+)
 from phalanx.verification.bounds import NetworkBounds
 from phalanx.verification.crown import _act_relax, forward_floor
 from phalanx.verification.joint import NodeBounds, Setup, evaluate, member_bounds, setup
@@ -51,6 +58,9 @@ def root_bounds(query: Query, *, forward: bool = True, device: str | torch.devic
     lo, hi = query.box()
     pres = [member_bounds(st, i, floor=forward_floor(net, lo, hi, g) if forward else None)
             for i, (net, g) in enumerate(zip(query.nets, st.graphs, strict=True))]
+    nb = evaluate(st, pres, record=record and alpha_steps <= 0, joint=joint)
+    if nb.unsat or alpha_steps <= 0:  # plain CROWN first: optimising the slopes costs iterations
+        return st, nb
     return st, evaluate(st, pres, alpha_steps=alpha_steps, record=record, joint=joint)
 
 
@@ -87,6 +97,8 @@ class CrownVerifier(Verifier):
 
     def verify(self, query: Query, *, time_limit_s: float = 0.0) -> VerificationResult:
         t0 = time.perf_counter()
+        if self.forward and query_bounds(query, "linear").proves_unsat(query):  # the cheapest proof first
+            return self._result(Verdict.UNSAT, t0, message="forward linear bounds")
         _, nb = root_bounds(query, forward=self.forward, device=self.device, alpha_steps=self.alpha_steps,
                             joint=self.joint)
         if nb.unsat and query.complete:
@@ -115,8 +127,7 @@ def branch_choice(st: Setup, nb: NodeBounds) -> tuple[int, int, int] | None:
     """``(member, act index, neuron)`` with the best BaBSR-style score, or None when no unstable
     (leaky) ReLU remains."""
     assert nb.forms is not None
-    d = st.rows.shape[0]
-    live = torch.as_tensor(np.concatenate([nb.upper >= -1e-9, np.zeros(d, dtype=bool)]), device=st.x_lo.device)
+    live = torch.as_tensor(nb.upper[nb.ids] >= -BOUND_TOL, device=st.x_lo.device)
     best: tuple[float, float, tuple[int, int, int]] | None = None
     part = 0
     for i, (p, g, u) in enumerate(zip(nb.pre, st.graphs, st.users, strict=True)):
@@ -193,7 +204,7 @@ class BabVerifier(Verifier):
                 pres = list(dom.nb.pre)
                 pres[i] = member_bounds(st, i, splits[i], floor=dom.nb.pre[i].pre,
                                         start=k + 1 if self.refine_intermediate else len(st.graphs[i].acts))
-                nb = evaluate(st, pres, alpha_steps=self.node_alpha_steps, record=True, splits=splits)
+                nb = evaluate(st, pres, alpha_steps=self.node_alpha_steps, record=True, splits=splits, parent=dom.nb)
                 stats["domains"] += 1
                 stats["max_depth"] = max(stats["max_depth"], dom.depth + 1)
                 if nb.unsat:

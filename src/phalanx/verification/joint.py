@@ -87,6 +87,8 @@ class NodeBounds:
     unsat: bool
     reason: str
     candidates: list[np.ndarray] = field(default_factory=list)
+    #: the rows bounded at this domain, in the order of ``forms.rec`` (the others are inherited)
+    ids: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
 
 
 def member_bounds(st: Setup, i: int, splits: dict[int, torch.Tensor] | None = None,
@@ -97,33 +99,51 @@ def member_bounds(st: Setup, i: int, splits: dict[int, torch.Tensor] | None = No
 
 
 def evaluate(st: Setup, pres: list[PreBounds], *, alpha_steps: int = 0, record: bool = False,
-             joint: bool = True, splits: list[dict[int, torch.Tensor]] | None = None) -> NodeBounds:
-    """Bound every disjunct row jointly over the members and try to refute the property
-    (``splits``: per member, the branch-and-bound splits of the domain, for beta multipliers)."""
+             joint: bool = True, splits: list[dict[int, torch.Tensor]] | None = None,
+             parent: NodeBounds | None = None) -> NodeBounds:
+    """Bound the disjunct rows jointly over the members and try to refute the property.
+
+    ``splits``: per member, the branch-and-bound splits of the domain (for beta multipliers).
+    With ``parent`` (a domain containing this one) only the parent's live rows are bounded, upper
+    bounds only; the parent's bounds, valid on the superset, are kept where they are tighter."""
     q = st.query
     d = st.rows.shape[0]
     if not all(p.feasible for p in pres):
         return NodeBounds(pres, None, np.full(d, -np.inf), np.full(d, -np.inf), True, "split domain is empty")
     sp = splits if splits is not None else [{} for _ in pres]
-    parts = [Part(g, torch.cat([s, -s]), Relax(p.pre), dict(m)) for g, s, p, u, m in
-             zip(st.graphs, st.specs, pres, st.users, sp, strict=True) if u]
-    forms = joint_forms(parts, st.x_lo, st.x_hi, alpha_steps, record=record)
+    ids = np.arange(d) if parent is None else np.nonzero(parent.upper >= -BOUND_TOL)[0]
+    sel = torch.as_tensor(ids, device=st.x_lo.device)
+    specs = [s[sel] if parent is not None else torch.cat([s, -s]) for s in st.specs]
+    parts = [Part(g, s, Relax(p.pre), dict(m)) for g, s, p, u, m in
+             zip(st.graphs, specs, pres, st.users, sp, strict=True) if u]
+    got = joint_forms(parts, st.x_lo, st.x_hi, alpha_steps, record=record)
     with torch.no_grad():
-        up_t = forms.upper(st.x_lo, st.x_hi)
+        up_t = got.upper(st.x_lo, st.x_hi)
         ibp = torch.zeros_like(up_t)
         for g, s, p, u in zip(st.graphs, st.specs, pres, st.users, strict=True):
             if u:  # interval arithmetic on the refined bounds, added over the members
-                lo_i, hi_i = spec_interval(g, p, s)
-                ibp = ibp + torch.cat([hi_i, -lo_i])
+                lo_i, hi_i = spec_interval(g, p, s[sel])
+                ibp = ibp + (torch.cat([hi_i, -lo_i]) if parent is None else hi_i)
         up: np.ndarray = torch.minimum(up_t, ibp).cpu().numpy()
-    upper, lower = up[:d], -up[d:]
+    n = ids.size
+    if parent is None:
+        upper, lower = up[:n], -up[n:]
+        forms = Forms(got.a[:n], got.c[:n], got.c_abs[:n], [{k: v[:n] for k, v in r.items()} for r in got.rec])
+    else:
+        upper, lower = parent.upper.copy(), parent.lower.copy()
+        upper[ids] = np.minimum(upper[ids], up)
+        a_full = torch.zeros(d, got.a.shape[1], dtype=got.a.dtype, device=got.a.device)
+        c_full, abs_full = torch.zeros(d, dtype=got.a.dtype, device=got.a.device), torch.zeros(d, dtype=got.a.dtype,
+                                                                                             device=got.a.device)
+        a_full[sel], c_full[sel], abs_full[sel] = got.a, got.c, got.c_abs
+        forms = Forms(a_full, c_full, abs_full, got.rec)
     live = upper >= -BOUND_TOL
     possible = [g for g in range(q.num_groups) if live[st.group_of == g].any()]
-    nb = NodeBounds(pres, forms, upper, lower, False, "")
+    nb = NodeBounds(pres, forms, upper, lower, False, "", ids=ids)
     if q.complete and len(possible) < q.required:
         nb.unsat, nb.reason = True, f"joint bounds: {len(possible)} of {q.required} required groups can hold"
         return nb
-    nb.candidates = [_argmax_vertex(forms.a[r], st) for r in np.argsort(-upper)[:3]]
+    nb.candidates = [_argmax_vertex(forms.a[r], st) for r in np.argsort(-upper)[:3] if live[r]]
     if not joint or not q.complete or q.kind is QueryKind.MEAN_LOGITS or q.required < 2:
         return nb
     refuted, cands = refute_conjunctions(st, forms, upper, possible)
