@@ -42,6 +42,7 @@ from phalanx.verification.crown import (
     spec_interval,
 )
 from phalanx.verification.ir import stack_outputs
+from phalanx.verification.milp import highs_solver
 from phalanx.verification.query import Query, QueryKind
 
 #: most conjunctions refuted one by one (beyond, only the per-group count is used)
@@ -229,9 +230,7 @@ def _lp_multipliers(a: np.ndarray, c: np.ndarray, lo: np.ndarray, hi: np.ndarray
         lam = np.array([best, 1.0 - best])
         w = lam @ a
         return lam, np.where(w > 0, hi, lo)
-    h = highspy.Highs()
-    h.setOptionValue("output_flag", False)
-    h.setOptionValue("threads", 1)
+    h = highs_solver(highspy, 1)
     lp = highspy.HighsLp()
     lp.num_col_, lp.num_row_ = n + 1, m
     lp.col_cost_ = np.concatenate([np.zeros(n), [1.0]])
