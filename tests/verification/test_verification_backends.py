@@ -75,7 +75,7 @@ def test_portfolio_agrees_with_milp(pair_queries, milp_results) -> None:
         stages.add(r.details["stage"])
         if r.verdict is Verdict.SAT:
             _check_sat(q, r)
-    assert "bounds" in stages and "attack" in stages
+    assert "crown" in stages and "attack" in stages  # the bounds stage is the joint crown verifier
 
 
 def test_heuristic_options_change_only_the_search(pair_queries, milp_results) -> None:
