@@ -161,7 +161,7 @@ class BabVerifier(Verifier):
 
     name = "bab"
 
-    def __init__(self, alpha_steps: int = 20, node_alpha_steps: int = 8, leaf_unstable: int = 12,
+    def __init__(self, alpha_steps: int = 20, node_alpha_steps: int = 8, leaf_unstable: int = 48,
                  bab_share: float = 0.7, threads: int = 1, forward: bool = True, refine_intermediate: bool = False,
                  device: str | None = None) -> None:
         self.alpha_steps, self.node_alpha_steps, self.leaf_unstable = alpha_steps, node_alpha_steps, leaf_unstable
