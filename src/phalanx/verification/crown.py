@@ -283,11 +283,12 @@ def _interval(g: Graph, i: int, b: dict[int, tuple[torch.Tensor, torch.Tensor]],
         tens = g.tensors[i]
         if "W" in tens:
             w = tens["W"]
-            cm, cr = mid @ w.T + tens["b"], rad @ w.abs().T
+            cm, cr, mag = mid @ w.T + tens["b"], rad @ w.abs().T, mid.abs() @ w.abs().T
         else:
             cm = _apply(g, i, mid[None], absolute=False)[0] + tens["b"]
             cr = _apply(g, i, rad[None], absolute=True)[0]
-        cr = cr + ROUND_REL * (cm.abs() + cr) + ROUND_ABS
+            mag = _apply(g, i, mid.abs()[None], absolute=True)[0]
+        cr = cr + ROUND_REL * (mag + tens["b"].abs() + cr) + ROUND_ABS
         return cm - cr, cm + cr
     if node.kind == "add":
         (l1, h1), (l2, h2) = b[node.srcs[0]], b[node.srcs[1]]
