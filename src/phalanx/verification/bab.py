@@ -51,7 +51,8 @@ from phalanx.verification.query import Query, Verdict, VerificationResult, prope
 
 
 def root_bounds(query: Query, *, forward: bool = True, device: str | torch.device | None = None,
-                alpha_steps: int = 0, joint: bool = True, record: bool = False) -> tuple[Setup, NodeBounds]:
+                alpha_steps: int = 0, joint: bool = True, record: bool = False,
+                deadline: float | None = None) -> tuple[Setup, NodeBounds]:
     """The query's joint bounds on the whole box (intermediate bounds also intersected with the
     forward linear bounds when ``forward``)."""
     st = setup(query, device)
@@ -61,7 +62,7 @@ def root_bounds(query: Query, *, forward: bool = True, device: str | torch.devic
     nb = evaluate(st, pres, record=record and alpha_steps <= 0, joint=joint)
     if nb.unsat or alpha_steps <= 0:  # plain CROWN first: optimising the slopes costs iterations
         return st, nb
-    return st, evaluate(st, pres, alpha_steps=alpha_steps, record=record, joint=joint)
+    return st, evaluate(st, pres, alpha_steps=alpha_steps, record=record, joint=joint, deadline=deadline)
 
 
 def query_bounds_of(st: Setup, nb: NodeBounds) -> QueryBounds:
@@ -100,7 +101,7 @@ class CrownVerifier(Verifier):
         if self.forward and query_bounds(query, "linear").proves_unsat(query):  # the cheapest proof first
             return self._result(Verdict.UNSAT, t0, message="forward linear bounds")
         _, nb = root_bounds(query, forward=self.forward, device=self.device, alpha_steps=self.alpha_steps,
-                            joint=self.joint)
+                            joint=self.joint, deadline=t0 + time_limit_s if time_limit_s > 0 else None)
         if nb.unsat and query.complete:
             return self._result(Verdict.UNSAT, t0, message=nb.reason)
         return self._result(Verdict.TIMEOUT, t0, message="bounds inconclusive (incomplete method)",
@@ -172,7 +173,7 @@ class BabVerifier(Verifier):
         t0 = time.perf_counter()
         deadline = t0 + time_limit_s
         st, root = root_bounds(query, forward=self.forward, device=self.device, alpha_steps=self.alpha_steps,
-                               record=True)
+                               record=True, deadline=t0 + 0.2 * time_limit_s)
         stats = {"domains": 1, "milp_leaves": 0, "max_depth": 0}
         if root.unsat and query.complete:
             return self._result(Verdict.UNSAT, t0, message=f"root bounds: {root.reason}", details=stats)
@@ -204,7 +205,8 @@ class BabVerifier(Verifier):
                 pres = list(dom.nb.pre)
                 pres[i] = member_bounds(st, i, splits[i], floor=dom.nb.pre[i].pre,
                                         start=k + 1 if self.refine_intermediate else len(st.graphs[i].acts))
-                nb = evaluate(st, pres, alpha_steps=self.node_alpha_steps, record=True, splits=splits, parent=dom.nb)
+                nb = evaluate(st, pres, alpha_steps=self.node_alpha_steps, record=True, splits=splits, parent=dom.nb,
+                              deadline=deadline)
                 stats["domains"] += 1
                 stats["max_depth"] = max(stats["max_depth"], dom.depth + 1)
                 if nb.unsat:
@@ -229,6 +231,9 @@ class BabVerifier(Verifier):
             return self._result(Verdict.TIMEOUT, t0, message="time limit in branch and bound", details=stats)
         model, x, _ = build_milp(query, query_bounds_of(st, nb))
         model.options = dict(FAST_HIGHS_OPTIONS)
+        left = deadline - time.perf_counter()
+        if left <= 0.05:  # building the model took the rest: HiGHS would overrun a tiny limit
+            return self._result(Verdict.TIMEOUT, t0, message="time limit while building the MILP", details=stats)
         out = model.solve(left, threads=self.threads)
         if out.status == "infeasible":
             return None

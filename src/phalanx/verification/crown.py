@@ -31,6 +31,7 @@ by ``ROUND_ABS``.
 
 from __future__ import annotations
 
+import time
 import weakref
 from dataclasses import dataclass, field
 
@@ -456,14 +457,14 @@ def _joint(parts: list[Part], x_lo: torch.Tensor, x_hi: torch.Tensor, alphas: li
 
 
 def joint_forms(parts: list[Part], x_lo: torch.Tensor, x_hi: torch.Tensor, alpha_steps: int = 0, lr: float = 0.1,
-                record: bool = False) -> Forms:
+                record: bool = False, deadline: float | None = None) -> Forms:
     """Upper linear forms of ``sum_p spec_p @ y_p`` over networks sharing one input: each part
     is back-substituted through its own network and the forms are added *before* concretising
     (the block-diagonal wide network with a shared input; tighter than adding bounds).
 
     With ``alpha_steps > 0`` the lower slopes of unstable (leaky) ReLUs of every part are
     optimised per row by Adam on the concretised joint upper bound, projected onto ``[a, 1]``
-    (alpha-CROWN), together with one multiplier ``beta >= 0`` per split neuron and row: the
+    (alpha-CROWN; stopped early at ``deadline``, a ``time.perf_counter()`` value), together with one multiplier ``beta >= 0`` per split neuron and row: the
     split ``s z >= 0`` holds on the domain, so ``f <= f + beta s z`` there and the backward pass
     may add ``beta s`` to ``z``'s coefficient (beta-CROWN, Wang et al. 2021, eq. 6). The form
     with the best bound of each row is kept (every iterate is sound)."""
@@ -495,6 +496,8 @@ def joint_forms(parts: list[Part], x_lo: torch.Tensor, x_hi: torch.Tensor, alpha
         groups.append({"params": flat_beta, "lr": lr / 2})
     opt = torch.optim.Adam(groups)
     for _ in range(alpha_steps):
+        if deadline is not None and time.perf_counter() > deadline:
+            break  # the best iterate so far is sound
         opt.zero_grad()
         f = _joint(parts, x_lo, x_hi, params, False, betas)
         up = f.upper(x_lo, x_hi)

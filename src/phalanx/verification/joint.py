@@ -101,7 +101,7 @@ def member_bounds(st: Setup, i: int, splits: dict[int, torch.Tensor] | None = No
 
 def evaluate(st: Setup, pres: list[PreBounds], *, alpha_steps: int = 0, record: bool = False,
              joint: bool = True, splits: list[dict[int, torch.Tensor]] | None = None,
-             parent: NodeBounds | None = None) -> NodeBounds:
+             parent: NodeBounds | None = None, deadline: float | None = None) -> NodeBounds:
     """Bound the disjunct rows jointly over the members and try to refute the property.
 
     ``splits``: per member, the branch-and-bound splits of the domain (for beta multipliers).
@@ -117,7 +117,7 @@ def evaluate(st: Setup, pres: list[PreBounds], *, alpha_steps: int = 0, record: 
     specs = [s[sel] if parent is not None else torch.cat([s, -s]) for s in st.specs]
     parts = [Part(g, s, Relax(p.pre), dict(m)) for g, s, p, u, m in
              zip(st.graphs, specs, pres, st.users, sp, strict=True) if u]
-    got = joint_forms(parts, st.x_lo, st.x_hi, alpha_steps, record=record)
+    got = joint_forms(parts, st.x_lo, st.x_hi, alpha_steps, record=record, deadline=deadline)
     with torch.no_grad():
         up_t = got.upper(st.x_lo, st.x_hi)
         ibp = torch.zeros_like(up_t)
