@@ -13,6 +13,7 @@ from collections.abc import Callable
 from phalanx.registry import Registry
 from phalanx.verification.backends import BoundsVerifier, MilpVerifier, QueryBounds, Verifier, query_bounds
 from phalanx.verification.bounds import NetworkBounds, ball, interval_bounds, linear_bounds
+from phalanx.verification.crown import crown_bounds
 from phalanx.verification.ir import NetworkIR, to_ir
 from phalanx.verification.milp import MilpModel, MilpOutcome, encode_network
 from phalanx.verification.query import (
@@ -82,5 +83,5 @@ def create_verifier(name: str, **options: object) -> Verifier:
 
 __all__ = ["BACKENDS", "MARGIN", "BoundsVerifier", "MilpModel", "MilpOutcome", "MilpVerifier", "NetworkBounds",
            "NetworkIR", "Query", "QueryBounds", "QueryKind", "VerificationResult", "Verdict", "Verifier", "ball",
-           "create_verifier", "encode_network", "interval_bounds", "linear_bounds", "make_query", "query_bounds",
+           "create_verifier", "crown_bounds", "encode_network", "interval_bounds", "linear_bounds", "make_query", "query_bounds",
            "recheck", "to_ir"]
