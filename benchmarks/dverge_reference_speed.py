@@ -11,6 +11,9 @@ size, distillation settings (eps 0.07, 10 steps of 0.007, momentum) and a fixed 
 layer; epochs alternate between the two implementations (interleaved repeats in one process).
 
     nice -n 10 .venv/bin/python benchmarks/dverge_reference_speed.py --reference /tmp/dverge_ref
+
+Both sides' matrix-product and convolution FLOPs per epoch (``FlopCounterMode``, one extra
+untimed epoch each) go into the JSON, so the speed-up can be split into less work and faster work.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ import statistics
 import sys
 import time
 import types
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +32,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
+from common import count_flops, loadavg  # benchmarks/ is on sys.path when a script runs
 from phalanx import Ensemble, create_model
 from phalanx.data import DatasetSplits, Split
 from phalanx.training import DVERGE, TrainConfig, fit
@@ -72,17 +77,37 @@ def _shim_reference_imports() -> None:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--reference", required=True, help="folder of the unpacked authors' repository")
-    ap.add_argument("--images", type=int, default=256)
-    ap.add_argument("--batch-size", type=int, default=128)
+    ap.add_argument("--images", type=int, default=128)
+    ap.add_argument("--batch-sizes", type=int, nargs="+", default=[64, 128])
     ap.add_argument("--members", type=int, default=3)
     ap.add_argument("--layer", type=int, default=20, help="fixed distillation layer (20 = logits)")
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--no-nchw", action="store_true", help="skip phalanx with memory_format='contiguous'")
+    ap.add_argument("--out", default=str(ROOT / "benchmarks" / "out" / "dverge_reference_speed.json"))
     args = ap.parse_args()
     torch.set_num_threads(1)
     ref = Path(args.reference).resolve()
     _shim_reference_imports()
     sys.path.insert(0, str(ref))
     sys.path.insert(0, str(ref / "train"))
+    results = {"args": vars(args), "load_before": loadavg(), "batch_sizes": {}}
+    for bs in args.batch_sizes:
+        results["batch_sizes"][str(bs)] = one_batch_size(args, bs)
+    results["load_after"] = loadavg()
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(results, indent=1))
+    print(f"\nload average before / after: {results['load_before']} / {results['load_after']}")
+    print(f"\n| batch | implementation | epoch (s), median of {args.repeats} | GFLOP per epoch | speed-up vs authors' |")
+    print("|---|---|---|---|---|")
+    for bs, r in results["batch_sizes"].items():
+        for side in r["median_s"]:
+            print(f"| {bs} | {side} | {r['median_s'][side]:.2f} | {r['gflop_per_epoch'][side]:.0f} | "
+                  f"{r['median_s']['reference'] / r['median_s'][side]:.2f} |")
+
+
+def one_batch_size(args: argparse.Namespace, batch_size: int) -> dict[str, Any]:
+    """Interleaved epochs of the authors' trainer and phalanx (channels-last and, unless
+    ``--no-nchw``, NCHW) at one batch size; FLOPs counted in one extra, untimed epoch per side."""
     import utils as ref_utils  # the authors' code
     from train_dverge import DVERGE_Trainer
 
@@ -96,40 +121,52 @@ def main() -> None:
     ref_models = ref_utils.get_models(ns, train=True)
     opts = [torch.optim.SGD(m.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-4) for m in ref_models]
     scheds = [torch.optim.lr_scheduler.MultiStepLR(o, [100, 150], 0.1) for o in opts]
-    loader = DataLoader(TensorDataset(x, y), batch_size=args.batch_size, shuffle=True, num_workers=0)
+    loader = DataLoader(TensorDataset(x, y), batch_size=batch_size, shuffle=True, num_workers=0)
     trainer = DVERGE_Trainer(ref_models, opts, scheds, loader, None, writer=sys.modules["torch.utils.tensorboard"].SummaryWriter(),  # type: ignore[attr-defined]
                              epochs=1, distill_fixed_layer=True, distill_eps=0.07, distill_alpha=0.007,
                              distill_steps=10, distill_layer=args.layer, distill_rand_start=False,
                              distill_momentum=True, plus_adv=False, dverge_coeff=1.0, depth=20)
 
     # phalanx's side: resnet20 members, DVERGE with the same settings and layer, SGD via fit()
-    torch.manual_seed(0)
-    ens = Ensemble([create_model("resnet20", (3, 32, 32), 10, mean=MEAN, std=STD) for _ in range(args.members)])
     data = DatasetSplits("synthetic-cifar", Split(x, y), Split(x[:1], y[:1]), Split(x[:1], y[:1]),
                          tuple(str(i) for i in range(10)), MEAN, STD)
+    formats = ["channels_last"] + ([] if args.no_nchw else ["contiguous"])
+    ens = {}
+    for fmt in formats:
+        torch.manual_seed(0)
+        ens[fmt] = Ensemble([create_model("resnet20", (3, 32, 32), 10, mean=MEAN, std=STD, memory_format=fmt)
+                             for _ in range(args.members)])
     method = DVERGE(layer=args.layer)
+    epoch_no = [0]
 
-    times: dict[str, list[float]] = {"reference": [], "phalanx": []}
+    def reference() -> None:
+        epoch_no[0] += 1
+        trainer.train(epoch_no[0])
+
+    def phalanx_side(fmt: str) -> Callable[[], None]:
+        def run() -> None:
+            fit(ens[fmt], method, data, TrainConfig(epochs=1, batch_size=batch_size, lr=0.1, seed=epoch_no[0],
+                                                    schedule="constant", device="cpu"), progress=False)
+        return run
+
+    sides: dict[str, Callable[[], None]] = {"reference": reference}
+    sides.update({f"phalanx ({fmt})": phalanx_side(fmt) for fmt in formats})
+    times: dict[str, list[float]] = {k: [] for k in sides}
     for r in range(args.repeats + 1):  # the first round is a warm-up
-        t0 = time.perf_counter()
-        trainer.train(r + 1)
-        t_ref = time.perf_counter() - t0
-        t0 = time.perf_counter()
-        fit(ens, method, data, TrainConfig(epochs=1, batch_size=args.batch_size, lr=0.1, seed=r,
-                                             schedule="constant", device="cpu"), progress=False)
-        t_ph = time.perf_counter() - t0
+        order = list(sides) if r % 2 == 0 else list(reversed(sides))
+        for name in order:
+            t0 = time.perf_counter()
+            sides[name]()
+            if r > 0:
+                times[name].append(time.perf_counter() - t0)
         if r > 0:
-            times["reference"].append(t_ref)
-            times["phalanx"].append(t_ph)
-        print(f"round {r}: reference {t_ref:.2f} s, phalanx {t_ph:.2f} s", flush=True)
+            print(f"batch {batch_size} round {r}: " + ", ".join(f"{k} {v[-1]:.2f} s" for k, v in times.items()),
+                  flush=True)
+    flops = {name: count_flops(fn) for name, fn in sides.items()}
     med = {k: statistics.median(v) for k, v in times.items()}
-    out = {"args": vars(args), "times_s": times, "median_s": med,
-           "speedup_phalanx_vs_reference": med["reference"] / med["phalanx"]}
-    (ROOT / "benchmarks" / "out").mkdir(parents=True, exist_ok=True)
-    (ROOT / "benchmarks" / "out" / "dverge_reference_speed.json").write_text(json.dumps(out, indent=1))
-    print(f"\n| implementation | epoch (s), median of {args.repeats} | relative |\n|---|---|---|")
-    print(f"| authors' DVERGE_Trainer | {med['reference']:.2f} | 1.00 |")
-    print(f"| phalanx fit + DVERGE | {med['phalanx']:.2f} | {med['phalanx'] / med['reference']:.2f} |")
+    return {"times_s": times, "median_s": med, "flops_per_epoch": flops,
+            "gflop_per_epoch": {k: v / 1e9 for k, v in flops.items()},
+            "speedup_vs_reference": {k: med["reference"] / v for k, v in med.items()}, "load": loadavg()}
 
 
 if __name__ == "__main__":

@@ -305,3 +305,88 @@ def test_ensemble_kind_names_the_way_for_every_combiner() -> None:
         ensemble_kind("random")
     with pytest.raises(PhalanxError, match="'mean-prob' cannot be verified exactly"):
         ensemble_kind("mean-prob")
+
+
+def test_portfolio_runs_cheap_bounds_before_the_attack(pair_queries, milp_results) -> None:
+    """The default order is bounds, attack, members, complete; a query the bounds decide never
+    runs the attack, and the complete MILP reuses the bounds stage's bounds."""
+    from phalanx.verification.portfolio import DEFAULT_STAGES, STAGES, Portfolio
+
+    assert DEFAULT_STAGES == ("bounds", "attack", "members", "complete")
+    assert set(DEFAULT_STAGES) <= set(STAGES.names())
+    assert [s.name for s in Portfolio().stages] == ["crown", "attack", "members", "bab"]  # the defaults
+    p = Portfolio(complete="milp", bounds="linear")
+    assert [s.name for s in p.stages] == ["bounds", "attack", "members", "milp"]
+    by_bounds = 0
+    for q, m in zip(pair_queries, milp_results, strict=True):
+        r = p.verify(q, time_limit_s=60)
+        assert r.verdict is m.verdict
+        if r.details["stage"] == "bounds":
+            by_bounds += 1
+            assert list(r.details["stages"]) == ["bounds"]
+    assert by_bounds > 0
+    assert [s.name for s in Portfolio(complete="milp", bounds="linear", member_proofs=False).stages] == [
+        "bounds", "attack", "milp"]
+    with pytest.raises(PhalanxError, match="unknown portfolio stage 'crown'"):
+        Portfolio(stages=["bounds", "crown"])
+
+
+class _Recorder:
+    """A stage that records the time it was given and decides nothing."""
+
+    def __init__(self, name: str, claim: float | None) -> None:
+        self.name, self._claim, self.limits = name, claim, []
+
+    def claim(self, query, state):
+        return self._claim
+
+    def run(self, query, state, time_limit_s):
+        from phalanx.verification import VerificationResult
+
+        self.limits.append(time_limit_s)
+        return VerificationResult(Verdict.TIMEOUT, self.name, 0.0, message="nothing")
+
+
+def test_portfolio_shares_time_by_claims(pair_queries) -> None:
+    """A stage gets the time left times its claim over its own and the later stages' claims;
+    claim 0 skips it; claim None (cheap) gets all that is left; the last stage gets whatever is left;
+    no stage decides -> TIMEOUT."""
+    from phalanx.verification.portfolio import Portfolio
+
+    cheap, a, skipped, b = _Recorder("cheap", None), _Recorder("a", 1.0), _Recorder("skip", 0.0), _Recorder("b", 3.0)
+    r = Portfolio(stages=[cheap, a, skipped, b]).verify(pair_queries[0], time_limit_s=8.0)
+    assert r.verdict is Verdict.TIMEOUT
+    assert cheap.limits[0] <= 8.0 and cheap.limits[0] > 7.9
+    assert a.limits[0] == pytest.approx(2.0, abs=0.05)  # 8 * 1 / (1 + 3)
+    assert skipped.limits == []
+    assert b.limits[0] == pytest.approx(8.0, abs=0.1)  # all that is left: time a stage did not use passes on
+
+
+def test_member_stage_takes_less_than_half_and_caches_timeouts(pair_queries) -> None:
+    """The member stage's time follows its claim (the needed member proofs' share of the joint
+    query's unstable ReLUs), not a fixed half; a member left undecided at some limit is not
+    retried with a smaller one."""
+    from phalanx.verification.portfolio import _MEMBER_CACHE, BoundsStage, MembersStage, Portfolio, StageState
+
+    given: list[float] = []
+
+    class Slow(MilpVerifier):
+        def verify(self, query, *, time_limit_s):
+            given.append(time_limit_s)
+            return self._result(Verdict.TIMEOUT, 0.0, message="pretend")
+
+    _MEMBER_CACHE.clear()
+    q = next(q for q in pair_queries if BoundsStage().run(q, StageState(), 10).verdict is Verdict.TIMEOUT)
+    members = MembersStage(Slow())
+    state = StageState()
+    BoundsStage().run(q, state, 10)
+    claim = members.claim(q, state)
+    assert claim is not None and 0 < claim < 1
+    complete = _Recorder("complete", 1.0)
+    Portfolio(stages=[BoundsStage(), members, complete]).verify(q, time_limit_s=30.0)
+    assert len(given) == 2 and sum(given) < 15.0  # both members tried, within less than half
+    assert complete.limits[0] > 15.0
+    given.clear()
+    Portfolio(stages=[BoundsStage(), members, complete]).verify(q, time_limit_s=30.0)
+    assert given == []  # cached as undecided at a larger limit than it would get now
+    _MEMBER_CACHE.clear()

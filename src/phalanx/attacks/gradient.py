@@ -191,6 +191,10 @@ class GradientAttack(Attack):
         found = torch.zeros(x.shape[0], dtype=torch.bool, device=x.device)
         for r in range(self.restarts):
             adv = self._run(model, x, y, threat, generator, target)
+            if self.restarts == 1:
+                # one restart returns its point whether or not it succeeded: no checking forward
+                # pass (the loop's last objective is that of the iterate before the final step)
+                return adv
             with torch.no_grad():
                 ok = self.success(model, adv, y, target)
             take = ok & ~found if r > 0 else torch.ones_like(ok)

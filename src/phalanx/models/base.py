@@ -13,6 +13,46 @@ from phalanx.errors import PhalanxError
 
 ACTIVATIONS = ("relu", "leaky_relu")
 
+#: memory layouts of convolutional models' 4-D weights (and so of their activations)
+MEMORY_FORMATS = {"channels_last": torch.channels_last, "contiguous": torch.contiguous_format}
+#: the default: channels-last (NHWC) runs convolutions, BatchNorm and activations faster on CPU
+#: (oneDNN) and GPU (cuDNN); outputs differ from NCHW only at float rounding (BENCHMARKS.md)
+DEFAULT_MEMORY_FORMAT = "channels_last"
+
+
+def has_conv(module: nn.Module) -> bool:
+    return any(isinstance(m, nn.modules.conv._ConvNd) for m in module.modules())
+
+
+def set_memory_format(module: nn.Module, memory_format: str = DEFAULT_MEMORY_FORMAT) -> nn.Module:
+    """Convert ``module``'s 4-D parameters and buffers, in place and once, to ``memory_format``
+    (``"channels_last"`` or ``"contiguous"``); returns ``module``.
+
+    Every 4-D tensor flowing through a convolution with channels-last weights comes out
+    channels-last whatever the input's layout, so converting the weights once makes training,
+    attacks and evaluation all run in that layout; ``.to(device)``, ``deepcopy``, optimizer state
+    and ``load_state_dict`` preserve it. ``"contiguous"`` restores PyTorch's NCHW for users who
+    need bit-for-bit NCHW results. Modules without convolutions are returned unchanged."""
+    fmt = MEMORY_FORMATS.get(memory_format) if isinstance(memory_format, str) else None
+    if fmt is None:
+        raise PhalanxError(f"unknown memory_format {memory_format!r}; accepted: {', '.join(MEMORY_FORMATS)}")
+    if has_conv(module):
+        module.to(memory_format=fmt)  # type: ignore[call-overload]
+    return module
+
+
+def memory_format_of(module: nn.Module) -> str | None:
+    """``"channels_last"`` or ``"contiguous"`` from the first convolution weight whose layout tells
+    them apart (a single input channel fits both); None without a 2-D convolution."""
+    found = None
+    for m in module.modules():
+        if isinstance(m, nn.Conv2d):
+            cl, nchw = m.weight.is_contiguous(memory_format=torch.channels_last), m.weight.is_contiguous()
+            if cl != nchw:
+                return "channels_last" if cl else "contiguous"
+            found = "contiguous"
+    return found
+
 
 def make_activation(name: str, negative_slope: float = 0.01) -> nn.Module:
     if name == "relu":

@@ -9,7 +9,14 @@ import torch
 from torch import nn
 
 from phalanx.errors import PhalanxError
-from phalanx.models.base import FeatureNet, Normalize, ResidualBlock, make_activation
+from phalanx.models.base import (
+    DEFAULT_MEMORY_FORMAT,
+    FeatureNet,
+    Normalize,
+    ResidualBlock,
+    make_activation,
+    set_memory_format,
+)
 from phalanx.registry import Registry
 
 Builder = Callable[..., FeatureNet]
@@ -165,11 +172,18 @@ def resnet20(in_shape: Sequence[int], num_classes: int, *, activation: str = "re
 _BASE_KEYS = ("name", "in_shape", "num_classes")
 
 
-def create_model(name: str, in_shape: Sequence[int], num_classes: int, **kwargs: Any) -> FeatureNet:
-    """Build a registered model; unknown keyword options raise a clear error."""
+def create_model(name: str, in_shape: Sequence[int], num_classes: int, *,
+                 memory_format: str = DEFAULT_MEMORY_FORMAT, **kwargs: Any) -> FeatureNet:
+    """Build a registered model; unknown keyword options raise a clear error.
+
+    Convolutional models are converted once to ``memory_format`` (``"channels_last"``, the
+    faster default, or ``"contiguous"`` for bit-for-bit NCHW; see
+    :func:`~phalanx.models.base.set_memory_format`); a non-default choice is kept in the model's
+    ``config`` so that a checkpoint rebuilds it in the same layout."""
     builder = MODELS.get(name)
+    set_memory_format(nn.Identity(), memory_format)  # validate before building
     try:
-        return builder(in_shape, num_classes, **kwargs)
+        model = builder(in_shape, num_classes, **kwargs)
     except TypeError as exc:
         if "unexpected keyword" in str(exc):
             import inspect
@@ -177,8 +191,12 @@ def create_model(name: str, in_shape: Sequence[int], num_classes: int, **kwargs:
             allowed = [p for p in inspect.signature(builder).parameters if p not in ("in_shape", "num_classes")]
             bad = sorted(set(kwargs) - set(allowed))
             raise PhalanxError(f"model {name!r} has no option {', '.join(map(repr, bad))}; "
-                               f"accepted options: {', '.join(allowed)}") from None
+                               f"accepted options: {', '.join([*allowed, 'memory_format'])}") from None
         raise
+    set_memory_format(model, memory_format)
+    if memory_format != DEFAULT_MEMORY_FORMAT:
+        model.config["memory_format"] = memory_format
+    return model
 
 
 def build_model(config: dict[str, Any]) -> FeatureNet:

@@ -183,8 +183,13 @@ class MilpVerifier(Verifier):
         self.highs_options = dict(FAST_HIGHS_OPTIONS if highs_options is None else highs_options)
 
     def verify(self, query: Query, *, time_limit_s: float) -> VerificationResult:
+        return self.verify_with_bounds(query, None, time_limit_s=time_limit_s)
+
+    def verify_with_bounds(self, query: Query, qb: QueryBounds | None, *, time_limit_s: float) -> VerificationResult:
+        """:meth:`verify`, reusing ``qb`` when a caller (the portfolio's bounds stage) already
+        computed the query's bounds with the same method (``self.bounds``)."""
         t0 = time.perf_counter()
-        qb = query_bounds(query, self.bounds)
+        qb = qb if qb is not None else query_bounds(query, self.bounds)
         if qb.proves_unsat(query):
             return self._result(Verdict.UNSAT, t0, message="bounds prove UNSAT (no solver call)")
         model, x, _ = build_milp(query, qb)

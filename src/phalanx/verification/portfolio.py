@@ -1,20 +1,38 @@
-"""The joint-attack verifier (SAT only) and the portfolio: attack, bounds, complete backend.
+"""The joint-attack verifier (SAT only) and the portfolio: an ordered, configurable list of
+stages (bounds, attack, member-wise proofs, a complete backend) sharing one time limit.
 
 The portfolio is never less sound than its parts: the attack can only answer SAT with a witness
 that re-checks in float64 PyTorch, the bounds only UNSAT from a sound over-approximation, and
 whatever is left goes to a complete backend (MILP by default) with the remaining time.
+
+**Stages.** A stage is anything with a ``name``, a ``claim(query, state)`` and a
+``run(query, state, time_limit_s)`` (:class:`Stage`); the portfolio runs its stages in order and
+stops at the first decided verdict. Time is shared by what each stage has left to gain, not by
+fixed fractions: a stage whose claim is ``None`` is cheap and bounded by its own work (bounds, a
+fixed number of attack steps) and gets whatever time is left; the others get the time left in
+proportion to their claims against the claims of the stages still to come (a claim of 0 skips the
+stage). The complete backend claims 1 (it can decide anything); the member-wise stage claims the
+share of the joint problem's unstable ReLUs that the member proofs it still needs would branch on
+(0 when cached verdicts already settle whether it can help). New backends slot in with
+:data:`STAGES` (``STAGES.add("crown", factory)``, factory ``(**options) -> Stage``) and a
+``stages=("bounds", "crown", "attack", "members", "complete")`` list; :class:`VerifierStage`
+wraps any :class:`~phalanx.verification.backends.Verifier` as a stage.
 """
 
 from __future__ import annotations
 
 import copy
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Protocol
 
 import numpy as np
 import torch
 
-from phalanx.verification.backends import BoundsVerifier, Verifier
+from phalanx.errors import PhalanxError
+from phalanx.registry import Registry
+from phalanx.verification.backends import BOUND_TOL, MilpVerifier, QueryBounds, Verifier, query_bounds
 from phalanx.verification.query import Query, QueryKind, Verdict, VerificationResult, recheck
 
 
@@ -95,8 +113,9 @@ class AttackVerifier(Verifier):
         return self._result(Verdict.TIMEOUT, t0, message="attack found no witness (incomplete method)")
 
 
-#: member-robustness verdicts cached per process: (member fingerprint, point, eps, label) -> verdict
-_MEMBER_CACHE: dict[tuple[str, str, float, int, tuple[float, float]], Verdict] = {}
+#: member-robustness verdicts cached per process: (member fingerprint, point, eps, label, box) ->
+#: (verdict, time limit it had); an undecided one is retried only with a larger limit
+_MEMBER_CACHE: dict[tuple[str, str, float, int, tuple[float, float]], tuple[Verdict, float]] = {}
 
 
 def _member_key(query: Query, i: int) -> tuple[str, str, float, int, tuple[float, float]]:
@@ -107,80 +126,268 @@ def _member_key(query: Query, i: int) -> tuple[str, str, float, int, tuple[float
     return fp, point_fingerprint(query.x0), float(query.eps), query.label, query.input_bounds
 
 
-def robust_members(query: Query, backend: Verifier, time_limit_s: float) -> tuple[int, int]:
+def _members_needed(query: Query) -> int:
+    """How many members must be proven robust alone before fewer than ``quorum`` can err."""
+    return len(query.nets) - query.required + 1
+
+
+def robust_members(query: Query, backend: Verifier, time_limit_s: float, *,
+                   order: Sequence[int] | None = None, weights: Sequence[float] | None = None) -> tuple[int, int]:
     """How many chosen members are individually proven robust in the ball (their own
     single-network query UNSAT); cached across queries sharing a member, point and eps.
 
     A mutual-error / majority property needs ``quorum`` members to err at one input, so if more
     than ``k - quorum`` members can never err there, the query is UNSAT (sound: a member's
-    robustness holds for every input of the ball). Returns ``(robust, solved_now)``."""
+    robustness holds for every input of the ball). Members are tried in ``order`` (default: as
+    given); each uncached one gets the time left times its share of the ``weights`` of the
+    members still to try (default: equal shares), and an undecided verdict is cached with the
+    limit it had, so it is retried only with more time. Returns ``(robust, solved_now)``."""
     from phalanx.verification.query import make_query
 
     robust = solved = 0
     t0 = time.perf_counter()
-    for i in range(len(query.nets)):
+    idx = list(order) if order is not None else list(range(len(query.nets)))
+    w = list(weights) if weights is not None else [1.0] * len(query.nets)
+    needed = _members_needed(query)
+    for pos, i in enumerate(idx):
         key = _member_key(query, i)
-        v = _MEMBER_CACHE.get(key)
-        if v is None:
-            left = time_limit_s - (time.perf_counter() - t0)
-            if left <= 0:
-                break
+        cached = _MEMBER_CACHE.get(key)
+        left = time_limit_s - (time.perf_counter() - t0)
+        share = w[i] / max(sum(w[j] for j in idx[pos:]), 1e-12)
+        limit = left * share
+        if cached is not None and (cached[0].decided or cached[1] >= limit):
+            v = cached[0]
+        elif left <= 0:
+            break
+        else:
             single = make_query([query.models[i]], query.x0, query.eps, query.label, nets=[query.nets[i]],
                                 input_bounds=query.input_bounds)
-            v = backend.verify(single, time_limit_s=left).verdict
+            v = backend.verify(single, time_limit_s=limit).verdict
             solved += 1
-            if v.decided:
-                _MEMBER_CACHE[key] = v
+            if v is not Verdict.ERROR:
+                _MEMBER_CACHE[key] = (v, limit)
         robust += v is Verdict.UNSAT
-        if len(query.nets) - robust < query.required:
+        if robust >= needed:
             break
     return robust, solved
 
 
+@dataclass
+class StageState:
+    """What the stages of one query share: the bounds once computed, per-stage wall times."""
+
+    bounds: QueryBounds | None = None
+    bounds_method: str | None = None
+    times: dict[str, float] = field(default_factory=dict)
+
+
+class Stage(Protocol):
+    """One step of the portfolio.
+
+    ``claim`` is what the stage has left to gain on this query: ``None`` for a cheap stage bounded
+    by its own work (it gets all the time left), else a weight >= 0 against the later stages'
+    claims (0 skips it). ``run`` returns a result; only a decided verdict (SAT with a re-checked
+    witness, or a sound UNSAT) ends the portfolio."""
+
+    name: str
+
+    def claim(self, query: Query, state: StageState) -> float | None: ...
+
+    def run(self, query: Query, state: StageState, time_limit_s: float) -> VerificationResult: ...
+
+
+class BoundsStage:
+    """Linear (or interval) bounds: UNSAT when they prove it; keeps the bounds for later stages."""
+
+    name = "bounds"
+
+    def __init__(self, method: str = "linear") -> None:
+        self.method = method
+
+    def claim(self, query: Query, state: StageState) -> float | None:
+        return None
+
+    def run(self, query: Query, state: StageState, time_limit_s: float) -> VerificationResult:
+        t0 = time.perf_counter()
+        qb = query_bounds(query, self.method)
+        state.bounds, state.bounds_method = qb, self.method
+        if qb.proves_unsat(query):
+            return VerificationResult(Verdict.UNSAT, self.name, time.perf_counter() - t0,
+                                      message=f"{self.method} bounds: at most {qb.possible_groups()} of "
+                                      f"{query.required} required groups can hold")
+        return VerificationResult(Verdict.TIMEOUT, self.name, time.perf_counter() - t0,
+                                  message="bounds inconclusive (incomplete method)")
+
+
+class VerifierStage:
+    """Any :class:`Verifier` as a stage, with a fixed claim (``None``: cheap, gets the time left).
+    A :class:`MilpVerifier` reuses the bounds stage's bounds when they were computed alike."""
+
+    def __init__(self, verifier: Verifier, claim: float | None = 1.0, name: str | None = None) -> None:
+        self.verifier, self._claim = verifier, claim
+        self.name = name or verifier.name
+
+    def claim(self, query: Query, state: StageState) -> float | None:
+        return self._claim
+
+    def run(self, query: Query, state: StageState, time_limit_s: float) -> VerificationResult:
+        v = self.verifier
+        if isinstance(v, MilpVerifier) and state.bounds is not None and state.bounds_method == v.bounds:
+            return v.verify_with_bounds(query, state.bounds, time_limit_s=time_limit_s)
+        return v.verify(query, time_limit_s=time_limit_s)
+
+
+class MembersStage:
+    """UNSAT when enough members are proven robust alone (cached across queries, see
+    :func:`robust_members`). Its claim is the share of the joint query's unstable ReLUs that the
+    cheapest member proofs it still needs would branch on; 0 when it cannot help (a single member,
+    a mean-logits property, a runner-up simplification, or cached verdicts that leave too few
+    candidates). Members are tried in increasing order of unstable ReLUs, each with time in
+    proportion to its own count."""
+
+    name = "members"
+
+    def __init__(self, backend: Verifier) -> None:
+        self.backend = backend
+
+    def _plan(self, query: Query, state: StageState) -> tuple[list[int], list[float], float]:
+        k = len(query.nets)
+        if not query.complete or query.kind is QueryKind.MEAN_LOGITS or k < 2:
+            return [], [], 0.0
+        unstable = ([float(nb.num_unstable) for nb in state.bounds.nets] if state.bounds is not None
+                    else [1.0] * k)
+        weights = [u + 1.0 for u in unstable]  # + 1: the disjunction's own binary
+        robust = open_ = 0
+        todo = []
+        for i in range(k):
+            cached = _MEMBER_CACHE.get(_member_key(query, i))
+            if cached is not None and cached[0] is Verdict.UNSAT:
+                robust += 1
+            elif cached is None or not cached[0].decided:
+                open_ += 1
+                todo.append(i)
+        still = _members_needed(query) - robust
+        if still <= 0:
+            return list(range(k)), weights, 1.0  # settled by the cache: costs nothing
+        if still > open_:
+            return [], [], 0.0  # too few candidates left: cannot decide
+        todo.sort(key=lambda i: weights[i])
+        joint = sum(weights) + (query.num_groups if state.bounds is None else
+                                sum(int(np.sum(u >= -BOUND_TOL)) for u in state.bounds.disjunct_upper))
+        return todo, weights, sum(weights[i] for i in todo[:still]) / joint
+
+    def claim(self, query: Query, state: StageState) -> float | None:
+        return self._plan(query, state)[2]
+
+    def run(self, query: Query, state: StageState, time_limit_s: float) -> VerificationResult:
+        t0 = time.perf_counter()
+        order, weights, _ = self._plan(query, state)
+        cached_first = [i for i in range(len(query.nets)) if i not in order] + order
+        robust, _ = robust_members(query, self.backend, time_limit_s, order=cached_first, weights=weights)
+        wall = time.perf_counter() - t0
+        if robust >= _members_needed(query):
+            return VerificationResult(Verdict.UNSAT, self.name, wall,
+                                      message=f"{robust} of {len(query.nets)} members are individually robust")
+        return VerificationResult(Verdict.TIMEOUT, self.name, wall,
+                                  message=f"{robust} of {len(query.nets)} members proven robust alone, "
+                                  f"{_members_needed(query)} needed")
+
+
+#: portfolio stages: name -> factory(portfolio options) -> Stage; "complete" is the complete backend
+STAGES: Registry[Callable[..., Stage]] = Registry("portfolio stage")
+#: the default order: cheap sound bounds, then the attack (SAT), then member-wise proofs, then MILP
+DEFAULT_STAGES = ("bounds", "attack", "members", "complete")
+
+
+@dataclass(frozen=True)
+class PortfolioOptions:
+    """What the built-in stage factories read (see :class:`Portfolio`)."""
+
+    complete: str = "bab"
+    attacks: tuple[str, ...] | None = None
+    steps: int = 20
+    bounds: str = "crown"
+    complete_options: dict[str, object] = field(default_factory=dict)
+
+
+def _complete_backend(o: PortfolioOptions) -> Verifier:
+    from phalanx.verification import create_verifier
+
+    return create_verifier(o.complete, **o.complete_options)
+
+
+def _bounds_stage(o: PortfolioOptions) -> Stage:
+    """``crown``: joint back-substituted bounds over all members (bab.py), as a cheap stage;
+    ``linear`` / ``interval``: per-member forward bounds, shared with the MILP (backends.py)."""
+    if o.bounds == "crown":
+        from phalanx.verification import create_verifier
+
+        return VerifierStage(create_verifier("crown"), claim=None)
+    return BoundsStage(o.bounds)
+
+
+STAGES.add("bounds", _bounds_stage, "sound bounds (crown, or linear / interval): cheap UNSAT (polynomial time)")
+STAGES.add("attack", lambda o: VerifierStage(AttackVerifier(o.attacks, steps=o.steps), claim=None),
+           "joint gradient attack: SAT with a re-checked witness, a fixed number of steps")
+STAGES.add("members", lambda o: MembersStage(create_verifier_for_members(o)),
+           "member-wise robustness proofs (cached across queries): sound UNSAT")
+STAGES.add("complete", lambda o: VerifierStage(_complete_backend(o), claim=1.0),
+           "the complete backend on the joint query (milp by default)")
+
+
+def create_verifier_for_members(o: PortfolioOptions) -> Verifier:
+    """The single-network backend of the member stage: MILP (with the complete backend's thread
+    count) for milp/smt, else the complete one."""
+    from phalanx.verification import create_verifier
+
+    same_threads = {k: v for k, v in o.complete_options.items() if k == "threads"}
+    return create_verifier("milp", **same_threads) if o.complete in ("milp", "smt") else _complete_backend(o)
+
+
 class Portfolio(Verifier):
-    """Cheap SAT by a joint attack, cheap UNSAT by linear bounds and by member-wise robustness
-    proofs (cached), then a complete backend on the joint query."""
+    """An ordered list of stages sharing one time limit (module docstring): by default cheap UNSAT
+    by linear bounds, cheap SAT by a joint attack, UNSAT by member-wise robustness proofs
+    (cached), then a complete backend on the joint query.
+
+    ``stages`` names registered stages (:data:`STAGES`) or passes :class:`Stage` objects, in
+    order; ``member_proofs=False`` drops the member stage from the default list."""
 
     name = "portfolio"
 
     def __init__(self, complete: str = "bab", attacks: Sequence[str] | None = None, steps: int = 20,
-                 bounds: str = "crown", member_proofs: bool = True, **complete_options: object) -> None:
-        from phalanx.verification import create_verifier
-
-        self.attack = AttackVerifier(attacks, steps=steps)
-        # "crown": joint back-substituted bounds over all members (bab.py); "linear" / "interval":
-        # per-member forward bounds (backends.py)
-        self.bounds = create_verifier("crown") if bounds == "crown" else BoundsVerifier(bounds)
-        self.backend = create_verifier(complete, **complete_options)
-        same_threads = {k: v for k, v in complete_options.items() if k == "threads"}
-        self.member_backend = create_verifier("milp", **same_threads) if complete in ("milp", "smt") else self.backend
-        self.member_proofs, self.member_share = member_proofs, 0.5
+                 bounds: str = "crown", member_proofs: bool = True,
+                 stages: Sequence[str | Stage] | None = None, **complete_options: object) -> None:
+        opts = PortfolioOptions(complete, tuple(attacks) if attacks is not None else None, steps, bounds,
+                                dict(complete_options))
+        names: Sequence[str | Stage] = stages if stages is not None else [
+            s for s in DEFAULT_STAGES if member_proofs or s != "members"]
+        if not names:
+            raise PhalanxError("a portfolio needs at least one stage; accepted: " + ", ".join(STAGES.names()))
+        self.stages: list[Stage] = [STAGES.get(s)(opts) if isinstance(s, str) else s for s in names]
         self.name = f"portfolio({complete})"
 
     def verify(self, query: Query, *, time_limit_s: float) -> VerificationResult:
         t0 = time.perf_counter()
-        stages: dict[str, float] = {}
-        for stage in (self.attack, self.bounds):
-            r = stage.verify(query, time_limit_s=time_limit_s)
-            stages[stage.name] = round(r.wall_time_s, 6)
-            if r.verdict.decided:
-                return self._finish(r, t0, stage.name, stages)
-        if self.member_proofs and query.complete and query.kind is not QueryKind.MEAN_LOGITS and len(query.nets) > 1:
-            t1 = time.perf_counter()
-            left = time_limit_s - (t1 - t0)
-            robust, _ = robust_members(query, self.member_backend, left * self.member_share)
-            stages["members"] = round(time.perf_counter() - t1, 6)
-            if len(query.nets) - robust < query.required:
-                r = VerificationResult(Verdict.UNSAT, "members", time.perf_counter() - t1,
-                                       message=f"{robust} of {len(query.nets)} members are individually robust")
-                return self._finish(r, t0, "members", stages)
-        left = time_limit_s - (time.perf_counter() - t0)
-        if left <= 0:
-            return self._result(Verdict.TIMEOUT, t0, message="time limit spent in attack and bounds",
-                                details={"stages": stages})
-        r = self.backend.verify(query, time_limit_s=left)
-        stages[self.backend.name] = round(r.wall_time_s, 6)
-        return self._finish(r, t0, self.backend.name, stages)
+        state = StageState()
+        last: VerificationResult | None = None
+        for k, stage in enumerate(self.stages):
+            left = time_limit_s - (time.perf_counter() - t0)
+            claim = stage.claim(query, state)
+            if claim is not None and claim <= 0:
+                continue
+            if left <= 0:
+                break
+            if claim is not None:
+                later = [c for c in (s.claim(query, state) for s in self.stages[k + 1:]) if c is not None and c > 0]
+                left = left * claim / (claim + sum(later))
+            last = stage.run(query, state, left)
+            state.times[stage.name] = round(last.wall_time_s, 6)
+            if last.verdict.decided:
+                return self._finish(last, t0, stage.name, state.times)
+        if last is not None and last.verdict is Verdict.ERROR:  # e.g. the complete backend's exact tie
+            return self._finish(last, t0, last.backend, state.times)
+        return self._result(Verdict.TIMEOUT, t0, message="no stage decided within the time limit"
+                            + (f" (last: {last.message})" if last is not None else ""), details={"stages": state.times})
 
     def _finish(self, r: VerificationResult, t0: float, stage: str, stages: dict[str, float]) -> VerificationResult:
         details = dict(r.details)
