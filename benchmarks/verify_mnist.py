@@ -13,8 +13,13 @@ with different seeds; agreement points: validation images every candidate classi
   IV/V), the G.A. 1/2/3 SAT counts on the same queries (table III) and one selection step over the
   five fresh candidates.
 
+- Width sweep (``--widths 30 64 128 256``): per hidden width, MILP alone and the portfolio on the
+  same pairwise queries, alternating query by query (same machine state); mean / median time per
+  query, verdicts, and the queries that MILP alone decides but the portfolio leaves undecided.
+  ``--sweep-only`` runs just the sweep.
+
 Run:  nice -n 10 env OMP_NUM_THREADS=1 .venv/bin/python benchmarks/verify_mnist.py
-Writes benchmarks/out/verify_mnist.json and prints Markdown tables.
+Writes benchmarks/out/verify_mnist.json (the sweep: verify_mnist_widths.json) and prints Markdown tables.
 """
 
 from __future__ import annotations
@@ -41,12 +46,12 @@ REPO = Path(__file__).resolve().parents[1]
 EPS = (0.01, 0.02, 0.03, 0.04, 0.05, 0.06)
 
 
-def train_candidates(data: Any, n: int, epochs: int) -> tuple[list[torch.nn.Module], list[float]]:
+def train_candidates(data: Any, n: int, epochs: int, width: int = 30) -> tuple[list[torch.nn.Module], list[float]]:
     models: list[torch.nn.Module] = []
     accs: list[float] = []
     for s in range(n):
         torch.manual_seed(1000 + s)
-        m = create_model("mlp", data.in_shape, data.num_classes, mean=data.mean, std=data.std, widths=[30])
+        m = create_model("mlp", data.in_shape, data.num_classes, mean=data.mean, std=data.std, widths=[width])
         ens = Ensemble([m], "mean-logits")
         fit(ens, create_method("baseline"), data, TrainConfig(epochs=epochs, batch_size=128, lr=0.05, seed=1000 + s,
                                                               device="cpu"), progress=False)
@@ -71,10 +76,20 @@ def main() -> None:
     ap.add_argument("--marabou-retry-budget", type=float, default=480.0,
                     help="stop the re-runs after this many seconds (the rest stay at the first limit)")
     ap.add_argument("--out", default=str(REPO / "benchmarks" / "out" / "verify_mnist.json"))
+    ap.add_argument("--widths", type=int, nargs="*", default=[], help="hidden widths of the MILP-vs-portfolio sweep")
+    ap.add_argument("--sweep-only", action="store_true", help="run only the width sweep")
+    ap.add_argument("--sweep-members", type=int, default=4, help="candidates per width (all pairs are queried)")
+    ap.add_argument("--sweep-points", type=int, default=2, help="agreement points per width")
+    ap.add_argument("--sweep-budget", type=float, default=600.0,
+                    help="per width, stop after this many seconds (both backends compared on the same prefix)")
     args = ap.parse_args()
     torch.set_num_threads(1)
     t_all = time.perf_counter()
     data = load_dataset("mnist", data_dir=args.data_dir, seed=0)
+    if args.widths:
+        width_sweep(args, data)
+    if args.sweep_only:
+        return
     t0 = time.perf_counter()
     models, accs = train_candidates(data, 10, args.epochs)
     train_s = time.perf_counter() - t0
@@ -207,6 +222,62 @@ def main() -> None:
     print(sel.markdown())
     print(f"total {result['total_s']:.0f} s (training {train_s:.0f} s, scores {scores_s:.0f} s, "
           f"selection {select_s:.0f} s)")
+
+
+def width_sweep(args: argparse.Namespace, data: Any) -> dict[str, Any]:
+    """MILP alone vs the portfolio per hidden width, on the same queries, alternating per query."""
+    from common import loadavg
+
+    out: dict[str, Any] = {"args": {k: v for k, v in vars(args).items()}, "load_before": loadavg(), "widths": {}}
+    rows = []
+    for width in args.widths:
+        models, accs = train_candidates(data, args.sweep_members, args.epochs, width)
+        cands = Candidates.from_models(models)
+        idx = agreement_points(cands.models, data.val.x, data.val.y, count=args.sweep_points)
+        pts = data.val.x[idx].reshape(len(idx), -1).double().numpy()
+        labels = data.val.y[idx].tolist()
+        specs = pair_specs(tuple(range(args.sweep_members)), len(pts), EPS, labels)
+        random.Random(0).shuffle(specs)
+        res: dict[str, list[Any]] = {"milp": [], "portfolio": []}
+        t0 = time.perf_counter()
+        for i, s in enumerate(specs):
+            if time.perf_counter() - t0 > args.sweep_budget:
+                break
+            for backend in (("milp", "portfolio") if i % 2 == 0 else ("portfolio", "milp")):
+                res[backend].append(run_queries(cands, pts, [s], backend=backend, time_limit_s=args.timeout)[0].result)
+        n = len(res["milp"])
+        lost = [i for i in range(n) if res["milp"][i].verdict.decided and not res["portfolio"][i].verdict.decided]
+        disagree = [i for i in range(n) if res["milp"][i].verdict.decided and res["portfolio"][i].verdict.decided
+                    and res["milp"][i].verdict is not res["portfolio"][i].verdict]
+        entry: dict[str, Any] = {"queries": n, "of": len(specs), "test_accuracy": accs, "load": loadavg(),
+                                 "left_undecided_by_portfolio": lost, "disagreements": disagree}
+        for b, rs in res.items():
+            times = [r.wall_time_s for r in rs]
+            verdicts = [r.verdict.value for r in rs]
+            stages: dict[str, int] = {}
+            for r in rs:
+                stages[r.backend] = stages.get(r.backend, 0) + 1
+            entry[b] = {"mean_s": statistics.mean(times), "median_s": statistics.median(times), "max_s": max(times),
+                        "total_s": sum(times), "verdicts": {v: verdicts.count(v) for v in sorted(set(verdicts))},
+                        "decided_by": stages}
+        out["widths"][str(width)] = entry
+        rows.append([f"784-{width}-10", f"{n}/{len(specs)}", f"{entry['milp']['mean_s']:.3f}",
+                     f"{entry['portfolio']['mean_s']:.3f}", f"{entry['milp']['median_s']:.3f}",
+                     f"{entry['portfolio']['median_s']:.3f}",
+                     " ".join(f"{k}:{v}" for k, v in entry["milp"]["verdicts"].items()),
+                     " ".join(f"{k}:{v}" for k, v in entry["portfolio"]["verdicts"].items()),
+                     " ".join(f"{k.split('/')[-1]}:{v}" for k, v in entry["portfolio"]["decided_by"].items()),
+                     len(lost), len(disagree)])
+        print(f"width {width}: {entry}", flush=True)
+    out["load_after"] = loadavg()
+    path = Path(args.out).with_name(Path(args.out).stem + "_widths.json")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(out, indent=1))
+    print(f"\nload average before / after: {out['load_before']} / {out['load_after']}\n")
+    print(table(["network", "queries", "MILP mean s", "portfolio mean s", "MILP median s", "portfolio median s",
+                 "MILP verdicts", "portfolio verdicts", "portfolio decided by", "MILP-decided left undecided",
+                 "disagreements"], rows))
+    return out
 
 
 if __name__ == "__main__":
