@@ -390,3 +390,21 @@ def test_member_stage_takes_less_than_half_and_caches_timeouts(pair_queries) -> 
     Portfolio(stages=[BoundsStage(), members, complete]).verify(q, time_limit_s=30.0)
     assert given == []  # cached as undecided at a larger limit than it would get now
     _MEMBER_CACHE.clear()
+
+
+def test_disjunct_bounds_alone_are_the_full_bounds_disjuncts(pair_queries) -> None:
+    """The cheap bounds pass (disjuncts only, what an UNSAT proof needs) gives exactly the full
+    call's disjunct bounds; the per-network bounds are added later without recomputing them."""
+    from phalanx.verification import query_bounds
+
+    for q in pair_queries[:4]:
+        full = query_bounds(q)
+        cheap = query_bounds(q, per_network=False)
+        assert cheap.nets == () and cheap.proves_unsat(q) == full.proves_unsat(q)
+        for a, b in zip(full.disjunct_upper + full.disjunct_lower, cheap.disjunct_upper + cheap.disjunct_lower,
+                        strict=True):
+            np.testing.assert_array_equal(a, b)
+        filled = query_bounds(q, disjuncts=cheap)
+        assert filled.disjunct_upper is cheap.disjunct_upper and len(filled.nets) == len(q.nets)
+        for a, b in zip(full.nets, filled.nets, strict=True):
+            np.testing.assert_array_equal(a.output[1], b.output[1])

@@ -75,19 +75,26 @@ class QueryBounds:
         return query.complete and self.possible_groups() < query.required
 
 
-def query_bounds(query: Query, method: str = "linear") -> QueryBounds:
-    """Bounds of every network on the query's box and of every disjunct (``linear`` or ``interval``)."""
+def query_bounds(query: Query, method: str = "linear", *, per_network: bool = True,
+                 disjuncts: QueryBounds | None = None) -> QueryBounds:
+    """Bounds of every network on the query's box and of every disjunct (``linear`` or ``interval``).
+
+    The disjunct bounds (one pass per network with the disjuncts folded into its last layer) are
+    all that :meth:`QueryBounds.proves_unsat` needs; ``per_network=False`` skips the second pass
+    per network (pre-activation and logit bounds, needed by the MILP encoding), leaving ``nets``
+    empty, and ``disjuncts`` reuses the disjunct bounds of such an earlier call."""
     fn = {"linear": linear_bounds, "interval": interval_bounds}.get(method)
     if fn is None:
         raise PhalanxError(f"unknown bound method {method!r}; accepted: linear, interval")
     lo, hi = query.box()
+    per_net = tuple(fn(net, lo, hi) for net in query.nets) if per_network else ()
+    if disjuncts is not None:
+        return QueryBounds(per_net, disjuncts.disjunct_upper, disjuncts.disjunct_lower)
     groups = query.groups()
     _, slices = stack_outputs(query.nets)
     allc = np.concatenate([np.stack(g) for g in groups])  # (D, total)
     up, low = np.zeros(allc.shape[0]), np.zeros(allc.shape[0])
-    per_net = []
     for net, s in zip(query.nets, slices, strict=True):
-        per_net.append(fn(net, lo, hi))
         spec = allc[:, s]
         rows = np.nonzero(np.any(spec != 0.0, axis=1))[0]
         if rows.size:
@@ -99,7 +106,7 @@ def query_bounds(query: Query, method: str = "linear") -> QueryBounds:
         ups.append(up[k:k + len(g)])
         lows.append(low[k:k + len(g)])
         k += len(g)
-    return QueryBounds(tuple(per_net), tuple(ups), tuple(lows))
+    return QueryBounds(per_net, tuple(ups), tuple(lows))
 
 
 class BoundsVerifier(Verifier):
@@ -113,7 +120,7 @@ class BoundsVerifier(Verifier):
 
     def verify(self, query: Query, *, time_limit_s: float = 0.0) -> VerificationResult:
         t0 = time.perf_counter()
-        qb = query_bounds(query, self.method)
+        qb = query_bounds(query, self.method, per_network=False)
         if qb.proves_unsat(query):
             return self._result(Verdict.UNSAT, t0, message=f"{self.method} bounds: at most "
                                 f"{qb.possible_groups()} of {query.required} required groups can hold")
@@ -189,9 +196,11 @@ class MilpVerifier(Verifier):
         """:meth:`verify`, reusing ``qb`` when a caller (the portfolio's bounds stage) already
         computed the query's bounds with the same method (``self.bounds``)."""
         t0 = time.perf_counter()
-        qb = qb if qb is not None else query_bounds(query, self.bounds)
+        qb = qb if qb is not None else query_bounds(query, self.bounds, per_network=False)
         if qb.proves_unsat(query):
             return self._result(Verdict.UNSAT, t0, message="bounds prove UNSAT (no solver call)")
+        if not qb.nets:  # the encoding needs every network's own bounds
+            qb = query_bounds(query, self.bounds, disjuncts=qb)
         model, x, _ = build_milp(query, qb)
         model.options = self.highs_options
         left = time_limit_s - (time.perf_counter() - t0)

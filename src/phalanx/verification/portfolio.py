@@ -118,6 +118,10 @@ class AttackVerifier(Verifier):
 _MEMBER_CACHE: dict[tuple[str, str, float, int, tuple[float, float]], tuple[Verdict, float]] = {}
 
 
+#: member-stage outcomes in this process (runs that solved a member query, and of those, decided)
+_MEMBER_STATS = {"runs": 0, "decided": 0}
+
+
 def _member_key(query: Query, i: int) -> tuple[str, str, float, int, tuple[float, float]]:
     from phalanx.verification.query import model_fingerprint, point_fingerprint
 
@@ -180,6 +184,12 @@ class StageState:
     bounds_method: str | None = None
     times: dict[str, float] = field(default_factory=dict)
 
+    def network_bounds(self, query: Query) -> QueryBounds | None:
+        """The bounds with every network's own bounds filled in (computed once, on demand)."""
+        if self.bounds is not None and not self.bounds.nets:
+            self.bounds = query_bounds(query, self.bounds_method or "linear", disjuncts=self.bounds)
+        return self.bounds
+
 
 class Stage(Protocol):
     """One step of the portfolio.
@@ -209,7 +219,7 @@ class BoundsStage:
 
     def run(self, query: Query, state: StageState, time_limit_s: float) -> VerificationResult:
         t0 = time.perf_counter()
-        qb = query_bounds(query, self.method)
+        qb = query_bounds(query, self.method, per_network=False)  # per-network bounds only when needed
         state.bounds, state.bounds_method = qb, self.method
         if qb.proves_unsat(query):
             return VerificationResult(Verdict.UNSAT, self.name, time.perf_counter() - t0,
@@ -240,9 +250,10 @@ class VerifierStage:
 class MembersStage:
     """UNSAT when enough members are proven robust alone (cached across queries, see
     :func:`robust_members`). Its claim is the share of the joint query's unstable ReLUs that the
-    cheapest member proofs it still needs would branch on; 0 when it cannot help (a single member,
-    a mean-logits property, a runner-up simplification, or cached verdicts that leave too few
-    candidates). Members are tried in increasing order of unstable ReLUs, each with time in
+    cheapest member proofs it still needs would branch on, times the rate at which member proofs
+    have settled queries in this process (Laplace estimate); 0 when it cannot help (a single
+    member, a mean-logits property, a runner-up simplification, or cached verdicts that leave too
+    few candidates). Members are tried in increasing order of unstable ReLUs, each with time in
     proportion to its own count."""
 
     name = "members"
@@ -254,8 +265,8 @@ class MembersStage:
         k = len(query.nets)
         if not query.complete or query.kind is QueryKind.MEAN_LOGITS or k < 2:
             return [], [], 0.0
-        unstable = ([float(nb.num_unstable) for nb in state.bounds.nets] if state.bounds is not None
-                    else [1.0] * k)
+        qb = state.network_bounds(query)
+        unstable = [float(nb.num_unstable) for nb in qb.nets] if qb is not None else [1.0] * k
         weights = [u + 1.0 for u in unstable]  # + 1: the disjunction's own binary
         robust = open_ = 0
         todo = []
@@ -272,9 +283,12 @@ class MembersStage:
         if still > open_:
             return [], [], 0.0  # too few candidates left: cannot decide
         todo.sort(key=lambda i: weights[i])
-        joint = sum(weights) + (query.num_groups if state.bounds is None else
-                                sum(int(np.sum(u >= -BOUND_TOL)) for u in state.bounds.disjunct_upper))
-        return todo, weights, sum(weights[i] for i in todo[:still]) / joint
+        joint = sum(weights) + (query.num_groups if qb is None else
+                                sum(int(np.sum(u >= -BOUND_TOL)) for u in qb.disjunct_upper))
+        share = sum(weights[i] for i in todo[:still]) / joint
+        # what it has left to gain: its share of the work times how often member proofs have
+        # settled queries in this process so far (Laplace estimate, 1/2 before any evidence)
+        return todo, weights, share * (_MEMBER_STATS["decided"] + 1) / (_MEMBER_STATS["runs"] + 2)
 
     def claim(self, query: Query, state: StageState) -> float | None:
         return self._plan(query, state)[2]
@@ -283,8 +297,11 @@ class MembersStage:
         t0 = time.perf_counter()
         order, weights, _ = self._plan(query, state)
         cached_first = [i for i in range(len(query.nets)) if i not in order] + order
-        robust, _ = robust_members(query, self.backend, time_limit_s, order=cached_first, weights=weights)
+        robust, solved = robust_members(query, self.backend, time_limit_s, order=cached_first, weights=weights)
         wall = time.perf_counter() - t0
+        if solved:
+            _MEMBER_STATS["runs"] += 1
+            _MEMBER_STATS["decided"] += robust >= _members_needed(query)
         if robust >= _members_needed(query):
             return VerificationResult(Verdict.UNSAT, self.name, wall,
                                       message=f"{robust} of {len(query.nets)} members are individually robust")
