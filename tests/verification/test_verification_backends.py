@@ -118,7 +118,8 @@ def test_two_highs_thread_counts_in_one_process(pair_queries, milp_results) -> N
             assert r.verdict is m.verdict, (threads, q.describe(), r.message)
     # the portfolio's member proofs run with the complete backend's thread count
     p = create_verifier("portfolio", threads=2)
-    assert p.member_backend.threads == 2  # type: ignore[attr-defined]
+    members = next(s for s in p.stages if s.name == "members")  # type: ignore[attr-defined]
+    assert members.backend.threads == 2  # type: ignore[attr-defined]
     for q, m in solved[:3]:
         assert p.verify(q, time_limit_s=60).verdict is m.verdict
 
