@@ -54,7 +54,10 @@ def cross_member_loss(members: list[nn.Module] | nn.ModuleList, distilled: list[
     """(M,) DVERGE eq. (5) per member: ``sum_{j != i} CE(f_i(x'_j), y_s)`` (a sum over the other
     members, each CE a batch mean; REFERENCE-FACTS). Members without BatchNorm see the other
     members' distilled batches in one forward pass (identical result); with BatchNorm, one pass per
-    batch, so batch statistics are those of the reference."""
+    batch, so batch statistics are those of the reference. (Concatenating would normalise with
+    pooled statistics and update the running statistics once; the exact alternative, per-chunk
+    BatchNorm on a concatenated batch, does the same FLOPs and measured slower on CPU:
+    BENCHMARKS.md, "DVERGE cross-member term".)"""
     out = []
     for i, m in enumerate(members):
         others = [d for j, d in enumerate(distilled) if j != i]
