@@ -372,7 +372,7 @@ def test_member_stage_takes_less_than_half_and_caches_timeouts(pair_queries) -> 
     given: list[float] = []
 
     class Slow(MilpVerifier):
-        def verify(self, query, *, time_limit_s):
+        def verify_with_bounds(self, query, qb, *, time_limit_s):
             given.append(time_limit_s)
             return self._result(Verdict.TIMEOUT, 0.0, message="pretend")
 
@@ -409,3 +409,19 @@ def test_disjunct_bounds_alone_are_the_full_bounds_disjuncts(pair_queries) -> No
         assert filled.disjunct_upper is cheap.disjunct_upper and len(filled.nets) == len(q.nets)
         for a, b in zip(full.nets, filled.nets, strict=True):
             np.testing.assert_array_equal(a.output[1], b.output[1])
+
+
+def test_member_queries_reuse_the_joint_bounds(pair_queries) -> None:
+    """A member's single-network query has the joint query's group of that member as its only
+    group, so its bounds are the joint bounds' network and group: reusing them is exact."""
+    from phalanx.verification import query_bounds
+    from phalanx.verification.query import make_query
+
+    for q in pair_queries[:3]:
+        joint = query_bounds(q)
+        for i in range(len(q.nets)):
+            single = make_query([q.models[i]], q.x0, q.eps, q.label, nets=[q.nets[i]], input_bounds=q.input_bounds)
+            own = query_bounds(single)
+            np.testing.assert_allclose(own.disjunct_upper[0], joint.disjunct_upper[i], rtol=0, atol=1e-12)
+            np.testing.assert_allclose(own.disjunct_lower[0], joint.disjunct_lower[i], rtol=0, atol=1e-12)
+            np.testing.assert_array_equal(own.nets[0].output[1], joint.nets[i].output[1])

@@ -136,7 +136,8 @@ def _members_needed(query: Query) -> int:
 
 
 def robust_members(query: Query, backend: Verifier, time_limit_s: float, *,
-                   order: Sequence[int] | None = None, weights: Sequence[float] | None = None) -> tuple[int, int]:
+                   order: Sequence[int] | None = None, weights: Sequence[float] | None = None,
+                   bounds: QueryBounds | None = None) -> tuple[int, int]:
     """How many chosen members are individually proven robust in the ball (their own
     single-network query UNSAT); cached across queries sharing a member, point and eps.
 
@@ -145,7 +146,10 @@ def robust_members(query: Query, backend: Verifier, time_limit_s: float, *,
     robustness holds for every input of the ball). Members are tried in ``order`` (default: as
     given); each uncached one gets the time left times its share of the ``weights`` of the
     members still to try (default: equal shares), and an undecided verdict is cached with the
-    limit it had, so it is retried only with more time. Returns ``(robust, solved_now)``."""
+    limit it had, so it is retried only with more time. ``bounds``: the joint query's bounds (with
+    every network's own, computed like ``backend``'s); a member's single-network query then reuses
+    its network's bounds and its group's disjunct bounds (the same specification) instead of
+    recomputing them. Returns ``(robust, solved_now)``."""
     from phalanx.verification.query import make_query
 
     robust = solved = 0
@@ -166,7 +170,12 @@ def robust_members(query: Query, backend: Verifier, time_limit_s: float, *,
         else:
             single = make_query([query.models[i]], query.x0, query.eps, query.label, nets=[query.nets[i]],
                                 input_bounds=query.input_bounds)
-            v = backend.verify(single, time_limit_s=limit).verdict
+            if (bounds is not None and bounds.nets and isinstance(backend, MilpVerifier)
+                    and query.kind is not QueryKind.MEAN_LOGITS and query.runner_up is None):
+                own = QueryBounds((bounds.nets[i],), (bounds.disjunct_upper[i],), (bounds.disjunct_lower[i],))
+                v = backend.verify_with_bounds(single, own, time_limit_s=limit).verdict
+            else:
+                v = backend.verify(single, time_limit_s=limit).verdict
             solved += 1
             if v is not Verdict.ERROR:
                 _MEMBER_CACHE[key] = (v, limit)
@@ -297,7 +306,9 @@ class MembersStage:
         t0 = time.perf_counter()
         order, weights, _ = self._plan(query, state)
         cached_first = [i for i in range(len(query.nets)) if i not in order] + order
-        robust, solved = robust_members(query, self.backend, time_limit_s, order=cached_first, weights=weights)
+        same = isinstance(self.backend, MilpVerifier) and state.bounds_method == self.backend.bounds
+        robust, solved = robust_members(query, self.backend, time_limit_s, order=cached_first, weights=weights,
+                                        bounds=state.network_bounds(query) if same else None)
         wall = time.perf_counter() - t0
         if solved:
             _MEMBER_STATS["runs"] += 1
