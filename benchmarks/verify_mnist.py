@@ -13,7 +13,8 @@ with different seeds; agreement points: validation images every candidate classi
   IV/V), the G.A. 1/2/3 SAT counts on the same queries (table III) and one selection step over the
   five fresh candidates.
 
-- Width sweep (``--widths 30 64 128 256``): per hidden width, MILP alone and the portfolio on the
+- Width sweep (``--widths 30 64 128 256``): per hidden width, MILP alone and the portfolio (with
+  the MILP as its complete backend and linear bounds) on the
   same pairwise queries, alternating query by query (same machine state); mean / median time per
   query, verdicts, and the queries that MILP alone decides but the portfolio leaves undecided.
   ``--sweep-only`` runs just the sweep.
@@ -244,7 +245,9 @@ def width_sweep(args: argparse.Namespace, data: Any) -> dict[str, Any]:
             if time.perf_counter() - t0 > args.sweep_budget:
                 break
             for backend in (("milp", "portfolio") if i % 2 == 0 else ("portfolio", "milp")):
-                res[backend].append(run_queries(cands, pts, [s], backend=backend, time_limit_s=args.timeout)[0].result)
+                opts = {"complete": "milp", "bounds": "linear"} if backend == "portfolio" else {}
+                res[backend].append(run_queries(cands, pts, [s], backend=backend, options=opts,
+                                                time_limit_s=args.timeout)[0].result)
         n = len(res["milp"])
         lost = [i for i in range(n) if res["milp"][i].verdict.decided and not res["portfolio"][i].verdict.decided]
         disagree = [i for i in range(n) if res["milp"][i].verdict.decided and res["portfolio"][i].verdict.decided
