@@ -14,18 +14,9 @@ from collections.abc import Iterator, Sequence
 import numpy as np
 import torch
 
+from phalanx.errors import PhalanxError
 from phalanx.verification.backends import BoundsVerifier, Verifier
 from phalanx.verification.query import Query, QueryKind, Verdict, VerificationResult, recheck
-
-
-def default_attacks(query: Query) -> tuple[str, ...]:
-    """G.A. 3 (Amir et al. app. D, untargeted I-FGSM on the ELU regulator) when every member must
-    err, PGD on the mean-logits ensemble for composite properties, both for a majority vote."""
-    if query.kind is QueryKind.MEAN_LOGITS:
-        return ("pgd",)
-    if query.kind is QueryKind.MAJORITY or query.required < len(query.nets):
-        return ("ga3", "pgd")
-    return ("ga3",)
 
 
 def _in_common_dtype(models: Sequence[torch.nn.Module]) -> tuple[list[torch.nn.Module], torch.dtype, torch.device]:
@@ -74,19 +65,36 @@ def _attack_candidates(query: Query, attacks: Sequence[str], steps: int, restart
 
 
 class AttackVerifier(Verifier):
-    """Incomplete: SAT when a joint gradient attack finds a witness that re-checks, else TIMEOUT."""
+    """Incomplete: SAT when falsification (:mod:`phalanx.verification.falsify`: APGD on the
+    property's margin, restarts, inside the box) or, with ``attacks``, the named joint gradient
+    attacks find a witness that re-checks; else TIMEOUT. Falsification stops after ``rounds``
+    rounds of ``restarts`` batched starts or ``time_share`` of the time limit."""
 
     name = "attack"
     complete = False
 
-    def __init__(self, attacks: Sequence[str] | None = None, steps: int = 20, restarts: int = 1,
-                 seed: int = 0) -> None:
+    def __init__(self, attacks: Sequence[str] | None = None, steps: int = 100, restarts: int = 8,
+                 seed: int = 0, rounds: int = 4, time_share: float = 0.1) -> None:
         self.attacks = tuple(attacks) if attacks is not None else None
         self.steps, self.restarts, self.seed = steps, restarts, seed
+        self.rounds, self.time_share = rounds, time_share
 
     def verify(self, query: Query, *, time_limit_s: float = 0.0) -> VerificationResult:
         t0 = time.perf_counter()
-        names = self.attacks if self.attacks is not None else default_attacks(query)
+        if self.attacks is None:
+            from phalanx.verification.falsify import FalsifyConfig, falsify
+
+            cfg = FalsifyConfig(self.steps, self.restarts, self.rounds, self.time_share * time_limit_s, self.seed)
+            out = falsify(query, cfg)
+            det = {**out.details, "attack": "falsify", "rounds": out.rounds, "best_margin": out.best_margin}
+            if out.witness is not None:
+                return self._result(Verdict.SAT, t0, counterexample=out.witness, message="falsify: re-checked in "
+                                    "float64 PyTorch", details=det)
+            return self._result(Verdict.TIMEOUT, t0, message="falsification found no witness (incomplete method)",
+                                details=det)
+        if query.kind is QueryKind.PROPERTY:
+            raise PhalanxError("named attacks aim at labels; a property query needs the default falsification")
+        names = self.attacks
         for name, cand in _attack_candidates(query, names, self.steps, self.restarts, self.seed):
             w, msg, det = recheck(query, cand)
             if w is not None:
@@ -143,7 +151,7 @@ class Portfolio(Verifier):
 
     name = "portfolio"
 
-    def __init__(self, complete: str = "bab", attacks: Sequence[str] | None = None, steps: int = 20,
+    def __init__(self, complete: str = "bab", attacks: Sequence[str] | None = None, steps: int = 100,
                  bounds: str = "crown", member_proofs: bool = True, **complete_options: object) -> None:
         from phalanx.verification import create_verifier
 
