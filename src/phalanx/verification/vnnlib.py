@@ -317,8 +317,13 @@ class _Reader:
 
     def atom(self, node: _List) -> _Atom | tuple[str, int, int]:
         op = _head(node)
-        if len(node.items) != 3 or not all(isinstance(t, _Tok) for t in node.items[1:]):
-            raise self.src.error(node, f"({op} a b) needs two variables or numbers (no arithmetic expressions)")
+        for t in node.items[1:]:
+            if isinstance(t, _List):
+                raise self.src.error(t, f"({op} a b) compares variables or numbers; arithmetic expressions are not "
+                                        "supported")
+            self.variable(t)
+        if len(node.items) != 3:
+            raise self.src.error(node, f"({op} a b) needs exactly two operands, got {len(node.items) - 1}")
         a, b = node.items[1], node.items[2]
         assert isinstance(a, _Tok) and isinstance(b, _Tok)
         va, vb = self.variable(a), self.variable(b)
