@@ -33,8 +33,8 @@ from typing import Any
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("MKL_NUM_THREADS", "1")
 
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
+import numpy as np
+import torch
 
 TOOLS = ("alpha_beta_crown", "marabou", "nnenum")
 CE_TOL = 1e-4  # VNN-COMP 2022 SCORING/settings.py COUNTEREXAMPLE_TOL

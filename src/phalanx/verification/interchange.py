@@ -80,17 +80,24 @@ def load_instance(networks: str | Path | Sequence[str | Path], prop_path: str | 
     if len(nets) != len(prop.networks):
         raise PhalanxError(f"{prop_path}: the property declares {len(prop.networks)} network(s), {len(nets)} given")
     for net, decl in zip(nets, prop.networks, strict=True):
-        n_out = int(np.prod(net.output_shape))
-        if net.ir.in_dim != decl.n_inputs or n_out != decl.n_outputs:
-            raise PhalanxError(f"{prop_path}: network {net.source} has {net.ir.in_dim} inputs and {n_out} outputs, "
-                               f"the property declares {decl.n_inputs} and {decl.n_outputs}")
+        if net.in_dim != decl.n_inputs or net.n_outputs != decl.n_outputs:
+            raise PhalanxError(f"{prop_path}: network {net.source} has {net.in_dim} inputs and {net.n_outputs} "
+                               f"outputs, the property declares {decl.n_inputs} and {decl.n_outputs}")
     return nets, prop
 
 
 def instance_queries(nets: Sequence[OnnxNetwork], prop: Property, qid: str = "") -> list[Query]:
-    """One ``property`` query per non-empty region (constant terms through a constant network)."""
-    models = [n.module for n in nets]
-    irs = [n.ir for n in nets]
+    """One ``property`` query per non-empty region on every branch of every network; atoms over
+    the declared outputs are mapped through the networks' heads onto the branches' outputs, and
+    constant terms go through a constant network."""
+    models = [m for n in nets for m in n.modules]
+    irs = [ir for n in nets for ir in n.irs]
+    blocks = [n.head if n.head is not None else np.eye(sum(ir.out_dim for ir in n.irs)) for n in nets]
+    head = np.zeros((sum(b.shape[0] for b in blocks), sum(b.shape[1] for b in blocks)))
+    r0 = c0 = 0
+    for b in blocks:
+        head[r0:r0 + b.shape[0], c0:c0 + b.shape[1]] = b
+        r0, c0 = r0 + b.shape[0], c0 + b.shape[1]
     need_const = any(a.const != 0.0 for r in prop.regions for g in r.groups for a in g)
     if need_const:
         const = ConstantNet(nets[0].in_shape)
@@ -100,7 +107,8 @@ def instance_queries(nets: Sequence[OnnxNetwork], prop: Property, qid: str = "")
     for k, r in enumerate(prop.regions):
         if r.empty:
             continue
-        groups = [[np.concatenate([a.coef, [a.const]]) if need_const else a.coef for a in g] for g in r.groups]
+        groups = [[np.concatenate([a.coef @ head, [a.const]]) if need_const else a.coef @ head for a in g]
+                  for g in r.groups]
         out.append(property_query(models, irs, r.lower, r.upper, groups, qid=f"{qid}#{k}"))
     return out
 

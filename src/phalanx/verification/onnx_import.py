@@ -8,7 +8,9 @@ equivalent PyTorch layers with the file's weights; :func:`~phalanx.verification.
 reads the IR off it exactly as for trained members, so one representation serves every backend
 and witnesses are re-checked by the PyTorch forward pass in float64. Constant subgraphs (the
 ``Shape -> Gather -> Concat`` chains exporters write for ``Reshape``) are folded with the static
-input shape. Any other operator (``Sigmoid``, ``Tanh``, ``Softmax``, a residual ``Add`` of two
+input shape. Several chains on the one input joined by ``Concat`` (or stacked and averaged by
+``ReduceMean``: phalanx's composite exports) become several branches with a linear head. Any
+other operator (``Sigmoid``, ``Tanh``, ``Softmax``, a residual ``Add`` of two
 computed tensors, ...) is refused with a :class:`~phalanx.errors.PhalanxError` naming it:
 the IR is piecewise linear.
 """
@@ -65,11 +67,15 @@ class Reshape(AffineModule):
 
 @dataclass(frozen=True, eq=False)
 class OnnxNetwork:
-    """An imported network: the PyTorch module (float64), its IR, the ONNX input/output names
-    and shapes (with the batch dimension) and the model bytes for onnxruntime."""
+    """An imported network: one or more branches on the one input (PyTorch modules in float64
+    and their IRs), the output as ``head @ concat(branch outputs)`` (``head`` None: the plain
+    concatenation), the ONNX input name and shapes (with the batch dimension) and the model bytes
+    for onnxruntime. Chain graphs have one branch; phalanx's composite exports have one per
+    member joined by ``Concat`` (or their mean)."""
 
-    module: nn.Module
-    ir: NetworkIR
+    modules: tuple[nn.Module, ...]
+    irs: tuple[NetworkIR, ...]
+    head: np.ndarray | None
     input_name: str
     input_shape: tuple[int, ...]
     output_shape: tuple[int, ...]
@@ -78,13 +84,30 @@ class OnnxNetwork:
 
     @property
     def in_shape(self) -> tuple[int, ...]:
-        return self.ir.in_shape
+        return self.irs[0].in_shape
+
+    @property
+    def in_dim(self) -> int:
+        return self.irs[0].in_dim
+
+    @property
+    def n_outputs(self) -> int:
+        return int(np.prod(self.output_shape))
+
+    def _combine(self, parts: list[np.ndarray]) -> np.ndarray:
+        y = np.concatenate(parts, axis=1)
+        return y if self.head is None else y @ self.head.T
 
     def forward(self, x: np.ndarray) -> np.ndarray:
-        """Flat float64 outputs of the PyTorch module for (B, n_in) flat inputs."""
+        """Flat float64 outputs of the PyTorch modules for (B, n_in) flat inputs."""
         xt = torch.as_tensor(np.asarray(x, dtype=np.float64).reshape(-1, *self.in_shape))
         with torch.no_grad():
-            return self.module(xt).reshape(xt.shape[0], -1).numpy()  # type: ignore[no-any-return]
+            return self._combine([m(xt).reshape(xt.shape[0], -1).numpy() for m in self.modules])
+
+    def forward_ir(self, x: np.ndarray) -> np.ndarray:
+        """The same through the exact IR."""
+        h = np.asarray(x, dtype=np.float64).reshape(-1, self.in_dim)
+        return self._combine([n.forward(h) for n in self.irs])
 
     def run_onnxruntime(self, x: np.ndarray) -> np.ndarray:
         """Flat outputs of onnxruntime on (B, n_in) flat inputs (one sample at a time, as the
@@ -94,7 +117,7 @@ class OnnxNetwork:
         dtype = np.float64 if inp.type == "tensor(double)" else np.float32
         shape = tuple(d if isinstance(d, int) and d > 0 else 1 for d in self.input_shape)
         outs = [np.asarray(sess.run(None, {inp.name: np.asarray(r, dtype=dtype).reshape(shape)})[0],
-                           dtype=np.float64).reshape(-1) for r in np.asarray(x).reshape(-1, self.ir.in_dim)]
+                           dtype=np.float64).reshape(-1) for r in np.asarray(x).reshape(-1, self.in_dim)]
         return np.stack(outs)
 
 
@@ -156,34 +179,77 @@ def import_model(model: Any, source: str = "<onnx>", raw: bytes | None = None) -
         raise PhalanxError(f"{source}: input shape {list(dims)} unsupported; accepted: static sizes "
                            "(a leading batch dimension may be symbolic)")
     batched = len(dims) >= 2 and dims[0] in (1, -1)
-    in_shape = dims[1:] if batched else dims
-    cur, shape = inputs[0].name, tuple(in_shape)
-    modules: list[nn.Module] = []
+    in_shape = tuple(dims[1:] if batched else dims)
+    # computed tensors: name -> (modules from the input, per-sample shape); joins of branches:
+    # name -> ("concat" | "stack" | "mean", branch tensor names); "unsq": name -> branch name
+    chains: dict[str, tuple[list[nn.Module], tuple[int, ...]]] = {inputs[0].name: ([], in_shape)}
+    joins: dict[str, tuple[str, list[str]]] = {}
+    unsq: dict[str, str] = {}
     for node in g.node:
         op = node.op_type
         attrs = {a.name: _attr(a) for a in node.attribute}
         dyn = [i for i in node.input if i and i not in consts]
+        where = f"{source}: node {node.name or op} ({op})"
         if not dyn:
             consts.update(_fold(node, attrs, consts, source))
             continue
-        if op == "Shape" and dyn == [cur]:
-            consts[node.output[0]] = np.asarray((1, *shape), dtype=np.int64)
-            continue
-        if dyn != [cur]:
+        if any(d not in chains and d not in unsq and d not in joins for d in dyn):
+            raise PhalanxError(f"{where} reads a tensor computed by an unsupported construct")
+        if op == "Shape" and len(dyn) == 1 and dyn[0] in chains:
+            consts[node.output[0]] = np.asarray((1, *chains[dyn[0]][1]), dtype=np.int64)
+        elif op == "Unsqueeze" and len(dyn) == 1 and dyn[0] in chains and _axes(attrs, node, consts) == [0]:
+            unsq[node.output[0]] = dyn[0]
+        elif op == "Concat" and len(dyn) == len(node.input) and all(d in chains for d in dyn) and len(dyn) > 1:
+            if int(attrs.get("axis", 0)) not in (1, -1) or any(len(chains[d][1]) != 1 for d in dyn):
+                raise PhalanxError(f"{where}: only a concatenation of flat branch outputs along the last axis")
+            joins[node.output[0]] = ("concat", dyn)
+        elif op == "Concat" and len(dyn) == len(node.input) and all(d in unsq for d in dyn):
+            if int(attrs.get("axis", 0)) != 0:
+                raise PhalanxError(f"{where}: only stacking branch outputs along a new first axis")
+            joins[node.output[0]] = ("stack", [unsq[d] for d in dyn])
+        elif op == "ReduceMean" and len(dyn) == 1 and joins.get(dyn[0], ("", []))[0] == "stack":
+            if _axes(attrs, node, consts) != [0] or int(attrs.get("keepdims", 1)):
+                raise PhalanxError(f"{where}: only the mean over the stacked branches (axes [0], keepdims 0)")
+            joins[node.output[0]] = ("mean", joins[dyn[0]][1])
+        elif len(dyn) == 1 and dyn[0] in chains:
+            mods, shape = chains[dyn[0]]
+            new, shape = _convert(node, attrs, consts, shape, source)
+            chains[node.output[0]] = ([*mods, *new], shape)
+        else:
             why = "a second computed input (e.g. a residual Add)" if len(dyn) > 1 else "a branch of the graph"
-            raise PhalanxError(f"{source}: node {node.name or op} ({op}) has {why}; only chain graphs are supported")
-        mods, shape = _convert(node, attrs, consts, shape, source)
-        modules += mods
-        cur = node.output[0]
-    if cur != g.output[0].name:
-        raise PhalanxError(f"{source}: the graph output {g.output[0].name!r} is not the end of the node chain")
-    seq = nn.Sequential(*modules).double().eval()
+            raise PhalanxError(f"{where} has {why}; supported: chains of layers, and branches on the input "
+                               "joined by Concat or their mean")
+    out_name = g.output[0].name
+    if out_name in chains:
+        branches, head_kind = [out_name], ""
+    elif out_name in joins and joins[out_name][0] in ("concat", "mean"):
+        head_kind, branches = joins[out_name]
+    else:
+        raise PhalanxError(f"{source}: the graph output {out_name!r} is not produced by a supported construct")
+    modules, irs = [], []
+    for name in branches:
+        seq = nn.Sequential(*chains[name][0]).double().eval()
+        modules.append(seq)
+        irs.append(to_ir(seq, in_shape))
+    head = None
+    if head_kind == "mean":
+        if len({n.out_dim for n in irs}) != 1:
+            raise PhalanxError(f"{source}: the averaged branches have different output sizes")
+        k = irs[0].out_dim
+        head = np.hstack([np.eye(k) / len(irs)] * len(irs))
     with torch.no_grad():
-        out = seq(torch.zeros((1, *in_shape), dtype=torch.float64))
-    out_dims = tuple(int(s) for s in out.shape)
-    ir = to_ir(seq, tuple(in_shape))
+        outs = [m(torch.zeros((1, *in_shape), dtype=torch.float64)) for m in modules]
+    out_dims = tuple(int(s) for s in outs[0].shape) if len(outs) == 1 else \
+        (1, head.shape[0] if head is not None else sum(n.out_dim for n in irs))
     raw_bytes = raw if raw is not None else model.SerializeToString()
-    return OnnxNetwork(seq, ir, inputs[0].name, dims, out_dims, raw_bytes, source)
+    return OnnxNetwork(tuple(modules), tuple(irs), head, inputs[0].name, dims, out_dims, raw_bytes, source)
+
+
+def _axes(attrs: dict[str, Any], node: Any, consts: dict[str, np.ndarray]) -> list[int]:
+    axes = attrs.get("axes")
+    if axes is None and len(node.input) > 1 and node.input[1] in consts:
+        axes = consts[node.input[1]]
+    return [int(v) for v in np.atleast_1d(np.asarray(axes if axes is not None else [], dtype=np.int64))]
 
 
 def _attr(a: Any) -> Any:
