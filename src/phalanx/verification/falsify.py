@@ -44,9 +44,9 @@ class FalsifyConfig:
     """``steps`` APGD iterations per run, ``restarts`` batched starts per round, at most
     ``rounds`` rounds and ``time_limit_s`` seconds (0: no limit besides the rounds)."""
 
-    steps: int = 100
+    steps: int = 50
     restarts: int = 8
-    rounds: int = 4
+    rounds: int = 2
     time_limit_s: float = 0.0
     seed: int = 0
     rho: float = 0.75

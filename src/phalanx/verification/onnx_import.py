@@ -142,8 +142,7 @@ def _require(name: str) -> Any:
     try:
         return importlib.import_module(name)
     except ImportError:
-        raise PhalanxError(f"reading ONNX networks needs {name}: pip install 'phalanx[marabou]' "
-                           "(onnx and onnxruntime)") from None
+        raise PhalanxError(f"reading ONNX networks needs {name}: pip install 'phalanx[onnx]'") from None
 
 
 def load_onnx(path: str | Path) -> OnnxNetwork:

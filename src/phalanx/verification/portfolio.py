@@ -73,8 +73,8 @@ class AttackVerifier(Verifier):
     name = "attack"
     complete = False
 
-    def __init__(self, attacks: Sequence[str] | None = None, steps: int = 100, restarts: int = 8,
-                 seed: int = 0, rounds: int = 4, time_share: float = 0.1) -> None:
+    def __init__(self, attacks: Sequence[str] | None = None, steps: int = 50, restarts: int = 8,
+                 seed: int = 0, rounds: int = 2, time_share: float = 0.1) -> None:
         self.attacks = tuple(attacks) if attacks is not None else None
         self.steps, self.restarts, self.seed = steps, restarts, seed
         self.rounds, self.time_share = rounds, time_share
@@ -151,7 +151,7 @@ class Portfolio(Verifier):
 
     name = "portfolio"
 
-    def __init__(self, complete: str = "bab", attacks: Sequence[str] | None = None, steps: int = 100,
+    def __init__(self, complete: str = "bab", attacks: Sequence[str] | None = None, steps: int = 50,
                  bounds: str = "crown", member_proofs: bool = True, **complete_options: object) -> None:
         from phalanx.verification import create_verifier
 
