@@ -82,7 +82,7 @@ def check_counterexample(nets: list[Any], prop: Any, text: str) -> dict[str, Any
     y_ort = np.concatenate([n.run_onnxruntime(x[None])[0] for n in nets])
     diff = float(np.max(np.abs(y_ort - y)))
     ok = diff <= CE_TOL and prop.holds(x, y, tol=CE_TOL)
-    return {"ort_diff": diff, "valid": bool(ok), "inside_box_exact": bool(prop.holds(x, y_ort))}
+    return {"ort_diff": diff, "valid": bool(ok), "holds_exact": bool(prop.holds(x, y_ort))}
 
 
 def main(argv: list[str] | None = None) -> int:
