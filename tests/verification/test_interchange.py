@@ -154,3 +154,21 @@ def test_verify_vnnlib_user_errors_are_one_line(toy, capsys) -> None:  # type: i
                  ["verify", "vnnlib", str(toy / "toy.onnx"), str(toy / "sat.vnnlib"), "--timeout", "0"]):
         code, _, err = run_cli([*args, "--out", str(toy / "e")], capsys)
         assert code == 2 and err.startswith("error:") and len(err.strip().splitlines()) == 1, err
+
+
+def test_mean_logits_export_reads_back(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """The mean-of-logits composite (branches stacked and averaged in ONNX) imports as the members
+    with a mean head: the same box, the same groups (1/M per member) and the same outputs."""
+    q = make_query(_members(3), np.full(72, 0.4), 0.05, 1, kind="mean-logits")
+    paths = export_query(q, tmp_path)
+    assert "relational_property" not in paths
+    nets, prop = load_instance(paths["network"], paths["property"])
+    [back] = instance_queries(nets, prop)
+    assert len(back.nets) == 3 and back.required == 1
+    for u, v in zip(q.box(), back.box(), strict=True):
+        np.testing.assert_array_equal(u, v)
+    for u, v in zip(q.groups()[0], back.groups()[0], strict=True):
+        np.testing.assert_allclose(u, v, rtol=0, atol=1e-15)
+    xs = np.random.default_rng(6).uniform(*q.box(), size=(20, 72))
+    np.testing.assert_allclose(_outputs(back, xs), _outputs(q, xs), rtol=0, atol=1e-9)
+    np.testing.assert_allclose(nets[0].forward(xs), nets[0].run_onnxruntime(xs), atol=1e-5)
