@@ -148,12 +148,14 @@ def test_verify_vnnlib_unsat_and_instances(toy, capsys) -> None:  # type: ignore
 
 
 def test_verify_vnnlib_user_errors_are_one_line(toy, capsys) -> None:  # type: ignore[no-untyped-def]
-    (toy / "bad.vnnlib").write_text("(declare-const X_0 Real)\n(assert (< X_0 1))\n")
-    for args in (["verify", "vnnlib", str(toy / "nope.onnx"), str(toy / "sat.vnnlib")],
-                 ["verify", "vnnlib", str(toy / "toy.onnx"), str(toy / "bad.vnnlib")],
-                 ["verify", "vnnlib", str(toy / "toy.onnx"), str(toy / "sat.vnnlib"), "--timeout", "0"]):
-        code, _, err = run_cli([*args, "--out", str(toy / "e")], capsys)
+    (toy / "bad.vnnlib").write_text("(declare-const X_0 Real)\n(declare-const Y_0 Real)\n(assert (< X_0 1))\n")
+    cases = ((["verify", "vnnlib", str(toy / "nope.onnx"), str(toy / "sat.vnnlib")], "not found"),
+             (["verify", "vnnlib", str(toy / "toy.onnx"), str(toy / "bad.vnnlib")], "bad.vnnlib:3:9"),
+             (["verify", "vnnlib", str(toy / "toy.onnx"), str(toy / "sat.vnnlib"), "--timeout", "0"], "timeout"))
+    for k, (args, words) in enumerate(cases):
+        code, _, err = run_cli([*args, "--out", str(toy / f"e{k}")], capsys)
         assert code == 2 and err.startswith("error:") and len(err.strip().splitlines()) == 1, err
+        assert words in err
 
 
 def test_mean_logits_export_reads_back(tmp_path) -> None:  # type: ignore[no-untyped-def]

@@ -180,7 +180,7 @@ def _backend_options(backend: str, complete: str | None) -> dict[str, Any]:
               help="VNN-COMP result file (default <out>/result.txt).")
 @out_option
 def vnnlib_cmd(network: str, prop: str, time_limit: float, backend: str, complete: str | None,
-               result_file: str | None, out: str | None) -> None:
+               result_file: str | None, out: str | None, overwrite: bool) -> None:
     """Decide a VNN-COMP instance: NETWORK.onnx[.gz] (comma-separated for a multi-network
     VNN-LIB 2.0 property) and PROPERTY.vnnlib[.gz]; writes the result the VNN-COMP way."""
     from pathlib import Path
@@ -188,9 +188,10 @@ def vnnlib_cmd(network: str, prop: str, time_limit: float, backend: str, complet
     from phalanx.runs import write_results
     from phalanx.verification.interchange import verify_instance
 
+    opts = _backend_options(backend, complete)
+    run_dir = run_dir_for(out, "verify-vnnlib", overwrite=overwrite)
     res = verify_instance([n for n in network.split(",") if n], prop, timeout_s=time_limit, verifier=backend,
-                          options=_backend_options(backend, complete))
-    run_dir = run_dir_for(out, "verify-vnnlib")
+                          options=opts)
     target = Path(result_file) if result_file else run_dir / "result.txt"
     target.parent.mkdir(parents=True, exist_ok=True)
     target.write_text(res.vnncomp_text())
@@ -208,7 +209,7 @@ def vnnlib_cmd(network: str, prop: str, time_limit: float, backend: str, complet
 @out_option
 @progress_option
 def instances_cmd(instances_csv: str, timeout_scale: float, backend: str, complete: str | None, out: str | None,
-                  progress: bool) -> None:
+                  overwrite: bool, progress: bool) -> None:
     """Run every instance of a VNN-COMP instances.csv (onnx,vnnlib,timeout); one result file per
     instance, results.json and a summary table (summary.md)."""
     from tqdm import tqdm
@@ -220,7 +221,7 @@ def instances_cmd(instances_csv: str, timeout_scale: float, backend: str, comple
         raise PhalanxError(f"--timeout-scale must be > 0, got {timeout_scale!r}")
     insts = read_instances(instances_csv)
     opts = _backend_options(backend, complete)
-    run_dir = run_dir_for(out, "verify-instances")
+    run_dir = run_dir_for(out, "verify-instances", overwrite=overwrite)
     bar = tqdm(total=len(insts), disable=not progress, unit="instance")
     rows = run_instances(insts, run_dir, verifier=backend, options=opts, timeout_scale=timeout_scale,
                          on_result=lambda _i, _r: bar.update(1))
