@@ -72,6 +72,14 @@ def test_export_vnnlib_matches_pytorch(checkpoint, tmp_path) -> None:
     text = open(meta["property"]).read()
     assert "(declare-const X_63 Real)" in text and "(declare-const Y_19 Real)" in text
     assert text.count("(assert (or") == 2  # one disjunction per member
+    from phalanx.verification.vnnlib import parse_vnnlib
+
+    prop = parse_vnnlib(text)  # the strict reader: every bound is a plain decimal (no np.float64(...))
+    assert (prop.n_inputs, prop.n_outputs, len(prop.regions[0].groups)) == (64, 20, 2)
+    lo, hi = prop.regions[0].lower, prop.regions[0].upper
+    x0 = np.asarray(meta["x0"])
+    np.testing.assert_array_equal(lo, np.clip(x0 - 0.05, 0, 1))
+    np.testing.assert_array_equal(hi, np.clip(x0 + 0.05, 0, 1))
     x = np.asarray(meta["x0"], dtype=np.float32).reshape(1, 1, 8, 8)
     onnx_out = ort.InferenceSession(meta["network"]).run(None, {"X": x})[0]
     from phalanx.ensembles import load_ensemble

@@ -15,6 +15,7 @@ margin losses are computed on the *logarithm of the combined probabilities* (see
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -43,10 +44,6 @@ def _bv(v: Tensor, like: Tensor) -> Tensor:
     return v.view(-1, *([1] * (like.dim() - 1)))
 
 
-def _linf_clip(a: Tensor, x: Tensor, eps: float, bounds: tuple[float, float]) -> Tensor:
-    return torch.minimum(torch.maximum(a, x - eps), x + eps).clamp(*bounds)
-
-
 def apgd(model: nn.Module, x: Tensor, y: Tensor, threat: ThreatModel, *, loss: str = "ce",
          target: Tensor | None = None, n_iter: int = 100, rho: float = 0.75, alpha: float = 0.75,
          generator: torch.Generator | None = None, eot: bool = False,
@@ -55,11 +52,8 @@ def apgd(model: nn.Module, x: Tensor, y: Tensor, threat: ThreatModel, *, loss: s
     ``(x_adv, fooled)``: the first misclassified iterate where one was found, else the point of
     highest loss. ``loss`` is ``"ce"`` or ``"dlr"``; with ``target`` it is the targeted DLR.
 
-    Schedule as the reference: start ``x + eps * t / ||t||_inf`` (t uniform), step ``2 eps``,
-    checkpoints every ``k`` iterations starting at ``0.22 n_iter`` and shrinking by ``0.03 n_iter``
-    to at least ``0.06 n_iter``; at a checkpoint the step is halved (and the iterate reset to
-    the best point) if the loss increased in at most ``rho * k`` of the last ``k`` steps, or if
-    the step was not reduced at the previous checkpoint and the best loss did not improve.
+    Schedule as the reference: start ``x + eps * t / ||t||_inf`` (t uniform), step ``2 eps``;
+    the loop is :func:`apgd_box` on the box ``[x - eps, x + eps]`` clipped to the input bounds.
     With ``eot`` (untargeted only) the loss is averaged over a randomized ensemble's draw
     (:func:`phalanx.attacks.randomized.expected_loss`; exact when ``eot_samples`` is None).
     """
@@ -67,13 +61,7 @@ def apgd(model: nn.Module, x: Tensor, y: Tensor, threat: ThreatModel, *, loss: s
         raise PhalanxError(f"phalanx's APGD is implemented for L-inf, got {threat.norm.value!r}")
     eps, bounds = threat.eps, threat.bounds
 
-    def loss_fn(out: Tensor) -> Tensor:
-        if target is not None:
-            return dlr_targeted_loss(out, y, target)
-        return ce_loss(out, y) if loss == "ce" else dlr_loss(out, y)
-
-    def grad_at(a: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        a = a.detach().requires_grad_(True)
+    def objective(a: Tensor) -> tuple[Tensor, Tensor]:
         if eot and target is None:
             from phalanx.attacks.randomized import expected_loss
 
@@ -82,33 +70,78 @@ def apgd(model: nn.Module, x: Tensor, y: Tensor, threat: ThreatModel, *, loss: s
             out = out_
         else:
             out = model(a)
-            li = loss_fn(out)
+            if target is not None:
+                li = dlr_targeted_loss(out, y, target)
+            else:
+                li = ce_loss(out, y) if loss == "ce" else dlr_loss(out, y)
+        return li, out.argmax(-1) != y
+
+    x_adv = apgd_start(x, threat, generator)
+    lo, hi = (x - eps).clamp_min(bounds[0]), (x + eps).clamp_max(bounds[1])
+    step = _bv(torch.full((x.shape[0],), 2.0 * eps, device=x.device, dtype=x.dtype), x)
+    run = apgd_box(objective, x_adv, lo, hi, step, n_iter=n_iter, rho=rho, alpha=alpha)
+    return torch.where(_bv(run.found, x), run.x_found, run.x_best).detach(), run.found
+
+
+@dataclass(frozen=True)
+class ApgdRun:
+    """What :func:`apgd_box` returns: per example, the first successful iterate (where
+    ``found``), the iterate of highest objective and that objective."""
+
+    x_found: Tensor
+    found: Tensor
+    x_best: Tensor
+    best: Tensor
+
+
+def apgd_box(objective: Callable[[Tensor], tuple[Tensor, Tensor]], x_start: Tensor, lo: Tensor, hi: Tensor,
+             step: Tensor, *, n_iter: int = 100, rho: float = 0.75, alpha: float = 0.75,
+             stop_on_success: bool = False) -> ApgdRun:
+    """APGD's loop (Croce & Hein 2020, alg. 1) maximising ``objective`` over the box ``[lo, hi]``.
+
+    ``objective(a)`` returns ``(value, success)`` per example (the value differentiable in
+    ``a``); ``step`` is the initial step (broadcast against the batch, first dimension per
+    example; ``2 eps`` in the L-inf ball). Checkpoints every ``k`` iterations starting at
+    ``0.22 n_iter`` and shrinking by ``0.03 n_iter`` to at least ``0.06 n_iter``; at a
+    checkpoint the step is halved (and the iterate reset to the best point) if the objective
+    increased in at most ``rho * k`` of the last ``k`` steps, or if the step was not reduced at
+    the previous checkpoint and the best objective did not improve. Heavy-ball momentum
+    ``alpha`` between the projected step and the previous point. ``stop_on_success`` ends the
+    run as soon as any example succeeds (restarts of one problem batched together).
+    """
+    def grad_at(a: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        a = a.detach().requires_grad_(True)
+        li, ok = objective(a)
         g, = torch.autograd.grad(li.sum(), a)
-        return li.detach(), g.detach(), out.detach()
+        return li.detach(), g.detach(), ok.detach()
+
+    def clip(a: Tensor) -> Tensor:
+        return torch.minimum(torch.maximum(a, lo), hi)
 
     n_iter2 = max(int(0.22 * n_iter), 1)
     n_iter_min = max(int(0.06 * n_iter), 1)
     size_decr = max(int(0.03 * n_iter), 1)
-    x_adv = apgd_start(x, threat, generator)
-    loss_cur, grad, out = grad_at(x_adv)
-    fooled = out.argmax(-1) != y
+    x_adv = x_start.clone()
+    step = step.expand_as(x_adv).clone() if step.shape != x_adv.shape else step.clone()
+    loss_cur, grad, fooled = grad_at(x_adv)
     x_best_adv = x_adv.clone()
     x_best, grad_best, loss_best = x_adv.clone(), grad.clone(), loss_cur.clone()
-    step = torch.full((x.shape[0],), 2.0 * eps, device=x.device, dtype=x.dtype)
     x_old = x_adv.clone()
     k, counter, increases = n_iter2, 0, torch.zeros_like(loss_cur)
     loss_best_last = loss_best.clone()
     reduced_last = torch.ones_like(loss_best, dtype=torch.bool)
     loss_prev = loss_cur.clone()
     for i in range(n_iter):
+        if stop_on_success and bool(fooled.any()):
+            break
         with torch.no_grad():
             a = alpha if i > 0 else 1.0
-            z = _linf_clip(x_adv + _bv(step, x) * grad.sign(), x, eps, bounds)
-            x_new = _linf_clip(x_adv + (z - x_adv) * a + (x_adv - x_old) * (1 - a), x, eps, bounds)
+            z = clip(x_adv + step * grad.sign())
+            x_new = clip(x_adv + (z - x_adv) * a + (x_adv - x_old) * (1 - a))
             x_old, x_adv = x_adv, x_new
-        loss_cur, grad, out = grad_at(x_adv)
+        loss_cur, grad, ok = grad_at(x_adv)
         with torch.no_grad():
-            newly = (out.argmax(-1) != y) & ~fooled
+            newly = ok & ~fooled
             x_best_adv[newly] = x_adv[newly]
             fooled |= newly
             increases += (loss_cur > loss_prev).to(increases.dtype)
@@ -129,7 +162,7 @@ def apgd(model: nn.Module, x: Tensor, y: Tensor, threat: ThreatModel, *, loss: s
                 k = max(k - size_decr, n_iter_min)
                 counter = 0
                 increases = torch.zeros_like(increases)
-    return torch.where(_bv(fooled, x), x_best_adv, x_best).detach(), fooled
+    return ApgdRun(x_best_adv.detach(), fooled, x_best.detach(), loss_best)
 
 
 def _project_hyperplane_linf(p: Tensor, w: Tensor, b: Tensor, bounds: tuple[float, float]) -> Tensor:
@@ -314,4 +347,4 @@ def square(n_queries: int = 5000, p_init: float = 0.8) -> AutoAttack:
     return AutoAttack(name="square", components=("square",), n_queries=n_queries, p_init=p_init)
 
 
-__all__ = ["AutoAttack", "apgd", "apgd_ce", "apgd_t", "autoattack", "eot_apgd", "fab_t", "fab_targeted", "output_kind", "square"]
+__all__ = ["ApgdRun", "AutoAttack", "apgd", "apgd_box", "apgd_ce", "apgd_t", "autoattack", "eot_apgd", "fab_t", "fab_targeted", "output_kind", "square"]

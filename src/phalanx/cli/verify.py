@@ -1,4 +1,5 @@
-"""Verification subcommands: ``verify pairs``, ``verify ensemble``, ``select``, ``export-vnnlib``."""
+"""Verification subcommands: ``verify pairs``, ``verify ensemble``, ``verify vnnlib``, ``verify instances``,
+``select``, ``export-vnnlib``."""
 
 from __future__ import annotations
 
@@ -158,6 +159,77 @@ def export_vnnlib(checkpoint: str, eps: str, index: int, members: str | None, ki
     run_dir = run_dir_for(out, "export-vnnlib", overwrite=overwrite)
     res = run_export(checkpoint, run_dir, cfg, index=index, kind=kind)
     click.echo(f"wrote {len(res['exports'])} queries to {run_dir}")
+
+
+def _backend_options(backend: str, complete: str | None) -> dict[str, Any]:
+    if complete is None:
+        return {}
+    if backend != "portfolio":
+        raise PhalanxError("--complete only applies to --backend portfolio")
+    return {"complete": complete}
+
+
+@verify.command("vnnlib")
+@click.argument("network")
+@click.argument("prop", metavar="PROPERTY")
+@click.option("--timeout", "time_limit", type=float, default=300.0, show_default=True,
+              help="Time limit in seconds (loading included).")
+@click.option("--backend", default="portfolio", show_default=True, help="Verifier (see `phalanx info`).")
+@click.option("--complete", default=None, help="Complete backend inside the portfolio (default milp).")
+@click.option("--result-file", default=None, type=click.Path(dir_okay=False),
+              help="VNN-COMP result file (default <out>/result.txt).")
+@out_option
+def vnnlib_cmd(network: str, prop: str, time_limit: float, backend: str, complete: str | None,
+               result_file: str | None, out: str | None, overwrite: bool) -> None:
+    """Decide a VNN-COMP instance: NETWORK.onnx[.gz] (comma-separated for a multi-network
+    VNN-LIB 2.0 property) and PROPERTY.vnnlib[.gz]; writes the result the VNN-COMP way."""
+    from pathlib import Path
+
+    from phalanx.runs import write_results
+    from phalanx.verification.interchange import verify_instance
+
+    opts = _backend_options(backend, complete)
+    run_dir = run_dir_for(out, "verify-vnnlib", overwrite=overwrite)
+    res = verify_instance([n for n in network.split(",") if n], prop, timeout_s=time_limit, verifier=backend,
+                          options=opts)
+    target = Path(result_file) if result_file else run_dir / "result.txt"
+    target.parent.mkdir(parents=True, exist_ok=True)
+    target.write_text(res.vnncomp_text())
+    write_results(run_dir, "verify-vnnlib", {"network": network, "property": prop, "timeout_s": time_limit,
+                                             "backend": backend, **res.to_json()})
+    click.echo(f"{res.result} in {res.seconds:.2f} s ({res.stage or '-'}): {res.message}; result file {target}")
+
+
+@verify.command("instances")
+@click.argument("instances_csv", metavar="INSTANCES.csv", type=click.Path(dir_okay=False))
+@click.option("--timeout-scale", type=float, default=1.0, show_default=True,
+              help="Multiply every instance's timeout by this factor.")
+@click.option("--backend", default="portfolio", show_default=True, help="Verifier (see `phalanx info`).")
+@click.option("--complete", default=None, help="Complete backend inside the portfolio (default milp).")
+@out_option
+@progress_option
+def instances_cmd(instances_csv: str, timeout_scale: float, backend: str, complete: str | None, out: str | None,
+                  overwrite: bool, progress: bool) -> None:
+    """Run every instance of a VNN-COMP instances.csv (onnx,vnnlib,timeout); one result file per
+    instance, results.json and a summary table (summary.md)."""
+    from tqdm import tqdm
+
+    from phalanx.runs import write_results
+    from phalanx.verification.interchange import read_instances, run_instances, summary_markdown
+
+    if not timeout_scale > 0:
+        raise PhalanxError(f"--timeout-scale must be > 0, got {timeout_scale!r}")
+    insts = read_instances(instances_csv)
+    opts = _backend_options(backend, complete)
+    run_dir = run_dir_for(out, "verify-instances", overwrite=overwrite)
+    bar = tqdm(total=len(insts), disable=not progress, unit="instance")
+    rows = run_instances(insts, run_dir, verifier=backend, options=opts, timeout_scale=timeout_scale,
+                         on_result=lambda _i, _r: bar.update(1))
+    bar.close()
+    table = summary_markdown(rows)
+    (run_dir / "summary.md").write_text(table)
+    write_results(run_dir, "verify-instances", {"instances": rows, "backend": backend, "timeout_scale": timeout_scale})
+    click.echo(table.splitlines()[-1] + f"; results {run_dir}")
 
 
 def register(group: click.Group) -> None:

@@ -196,9 +196,14 @@ def _nonlinear_dims(ops: tuple[Op, ...], in_dim: int) -> list[int]:
 # ---------------------------------------------------------------------------------------------
 # conversion from PyTorch
 
+class AffineModule(nn.Module):
+    """Base of modules that declare themselves affine per sample (e.g. the ONNX importer's
+    constant ops and reshapes); :func:`to_ir` folds them like ``Linear`` (and checks it)."""
+
+
 _AFFINE_TYPES: tuple[type[nn.Module], ...] = (
     nn.Linear, nn.Conv2d, nn.Conv1d, nn.BatchNorm1d, nn.BatchNorm2d, nn.AvgPool2d, nn.Flatten,
-    nn.Identity, nn.Dropout,
+    nn.Identity, nn.Dropout, nn.ZeroPad2d, AffineModule,
 )
 
 

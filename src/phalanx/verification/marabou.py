@@ -24,7 +24,7 @@ import numpy as np
 from phalanx.errors import PhalanxError
 from phalanx.verification.backends import Verifier, query_bounds
 from phalanx.verification.ir import Affine, LeakyRelu, MaxPool, Op, Relu, Residual
-from phalanx.verification.query import MARGIN, Query, Verdict, VerificationResult
+from phalanx.verification.query import MARGIN, Query, QueryKind, Verdict, VerificationResult
 
 WORKER = Path(__file__).with_name("marabou_worker.py")
 
@@ -101,6 +101,9 @@ class MarabouVerifier(Verifier):
         if code == "unsat":
             if not query.complete:
                 return self._result(Verdict.TIMEOUT, t0, message="runner-up query UNSAT proves nothing", details=det)
+            if query.kind is QueryKind.PROPERTY:  # VNN-LIB's >= 0 admits margins below Marabou's
+                return self._result(Verdict.TIMEOUT, t0, message=f"marabou unsat at margin {self.margin:g} proves "
+                                    "nothing for a non-strict VNN-LIB property", details=det)
             return self._result(Verdict.UNSAT, t0, message=f"marabou unsat (margin {self.margin:g})", details=det)
         if code == "TIMEOUT":
             return self._result(Verdict.TIMEOUT, t0, message="marabou timeout", details=det)

@@ -36,16 +36,6 @@ from phalanx.verification.backends import BOUND_TOL, MilpVerifier, QueryBounds, 
 from phalanx.verification.query import Query, QueryKind, Verdict, VerificationResult, recheck
 
 
-def default_attacks(query: Query) -> tuple[str, ...]:
-    """G.A. 3 (Amir et al. app. D, untargeted I-FGSM on the ELU regulator) when every member must
-    err, PGD on the mean-logits ensemble for composite properties, both for a majority vote."""
-    if query.kind is QueryKind.MEAN_LOGITS:
-        return ("pgd",)
-    if query.kind is QueryKind.MAJORITY or query.required < len(query.nets):
-        return ("ga3", "pgd")
-    return ("ga3",)
-
-
 def _in_common_dtype(models: Sequence[torch.nn.Module]) -> tuple[list[torch.nn.Module], torch.dtype, torch.device]:
     """The members in one floating dtype (the promotion of theirs: float64 members are attacked
     in float64, a float32/float64 mix in float64 on cast copies) and their device."""
@@ -92,19 +82,36 @@ def _attack_candidates(query: Query, attacks: Sequence[str], steps: int, restart
 
 
 class AttackVerifier(Verifier):
-    """Incomplete: SAT when a joint gradient attack finds a witness that re-checks, else TIMEOUT."""
+    """Incomplete: SAT when falsification (:mod:`phalanx.verification.falsify`: APGD on the
+    property's margin, restarts, inside the box) or, with ``attacks``, the named joint gradient
+    attacks find a witness that re-checks; else TIMEOUT. Falsification stops after ``rounds``
+    rounds of ``restarts`` batched starts or ``time_share`` of the time limit."""
 
     name = "attack"
     complete = False
 
-    def __init__(self, attacks: Sequence[str] | None = None, steps: int = 20, restarts: int = 1,
-                 seed: int = 0) -> None:
+    def __init__(self, attacks: Sequence[str] | None = None, steps: int = 50, restarts: int = 8,
+                 seed: int = 0, rounds: int = 2, time_share: float = 0.1) -> None:
         self.attacks = tuple(attacks) if attacks is not None else None
         self.steps, self.restarts, self.seed = steps, restarts, seed
+        self.rounds, self.time_share = rounds, time_share
 
     def verify(self, query: Query, *, time_limit_s: float = 0.0) -> VerificationResult:
         t0 = time.perf_counter()
-        names = self.attacks if self.attacks is not None else default_attacks(query)
+        if self.attacks is None:
+            from phalanx.verification.falsify import FalsifyConfig, falsify
+
+            cfg = FalsifyConfig(self.steps, self.restarts, self.rounds, self.time_share * time_limit_s, self.seed)
+            out = falsify(query, cfg)
+            det = {**out.details, "attack": "falsify", "rounds": out.rounds, "best_margin": out.best_margin}
+            if out.witness is not None:
+                return self._result(Verdict.SAT, t0, counterexample=out.witness, message="falsify: re-checked in "
+                                    "float64 PyTorch", details=det)
+            return self._result(Verdict.TIMEOUT, t0, message="falsification found no witness (incomplete method)",
+                                details=det)
+        if query.kind is QueryKind.PROPERTY:
+            raise PhalanxError("named attacks aim at labels; a property query needs the default falsification")
+        names = self.attacks
         for name, cand in _attack_candidates(query, names, self.steps, self.restarts, self.seed):
             w, msg, det = recheck(query, cand)
             if w is not None:
@@ -333,7 +340,7 @@ class PortfolioOptions:
 
     complete: str = "bab"
     attacks: tuple[str, ...] | None = None
-    steps: int = 20
+    steps: int = 50
     bounds: str = "crown"
     complete_options: dict[str, object] = field(default_factory=dict)
 
@@ -356,7 +363,7 @@ def _bounds_stage(o: PortfolioOptions) -> Stage:
 
 STAGES.add("bounds", _bounds_stage, "sound bounds (crown, or linear / interval): cheap UNSAT (polynomial time)")
 STAGES.add("attack", lambda o: VerifierStage(AttackVerifier(o.attacks, steps=o.steps), claim=None),
-           "joint gradient attack: SAT with a re-checked witness, a fixed number of steps")
+           "falsification (APGD on the property margin, restarts, in the box): SAT with a re-checked witness")
 STAGES.add("members", lambda o: MembersStage(create_verifier_for_members(o)),
            "member-wise robustness proofs (cached across queries): sound UNSAT")
 STAGES.add("complete", lambda o: VerifierStage(_complete_backend(o), claim=1.0),
@@ -382,7 +389,7 @@ class Portfolio(Verifier):
 
     name = "portfolio"
 
-    def __init__(self, complete: str = "bab", attacks: Sequence[str] | None = None, steps: int = 20,
+    def __init__(self, complete: str = "bab", attacks: Sequence[str] | None = None, steps: int = 50,
                  bounds: str = "crown", member_proofs: bool = True,
                  stages: Sequence[str | Stage] | None = None, **complete_options: object) -> None:
         opts = PortfolioOptions(complete, tuple(attacks) if attacks is not None else None, steps, bounds,

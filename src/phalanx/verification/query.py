@@ -10,6 +10,10 @@ with the input box) on which the chosen output property holds?
 - ``mean-logits`` (appendix A): the argmax of the mean of the members' logits is not ``label``.
 - ``majority`` (appendix A for the vote combiner): at least ``ceil(k/2)`` members do not predict
   ``label``, i.e. ``label`` can lose its strict majority of votes.
+- ``property`` (VNN-LIB, :mod:`phalanx.verification.interchange`): an explicit input box and
+  explicit groups over the concatenated outputs with VNN-LIB's non-strict semantics
+  (``c . Y >= 0``); built by :func:`property_query`. Constant terms are carried by a constant
+  network (:class:`ConstantNet`) whose single output is 1.
 
 Every query's property is a list of *groups*, each a disjunction of linear functions
 ``c . Y >= 0`` of the concatenated logits ``Y``; the property holds when at least ``quorum``
@@ -54,6 +58,7 @@ class QueryKind(str, enum.Enum):
     MUTUAL_ERROR = "mutual-error"
     MEAN_LOGITS = "mean-logits"
     MAJORITY = "majority"
+    PROPERTY = "property"
 
     @classmethod
     def parse(cls, value: str | QueryKind) -> QueryKind:
@@ -98,6 +103,9 @@ class Query:
     runner_up: tuple[int, ...] | None = None
     input_bounds: tuple[float, float] = (0.0, 1.0)
     qid: str = ""
+    #: ``property`` queries only: the input box and the groups (see :func:`property_query`)
+    spec_box: tuple[np.ndarray, np.ndarray] | None = None
+    spec_groups: tuple[tuple[np.ndarray, ...], ...] | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "kind", QueryKind.parse(self.kind))
@@ -105,6 +113,9 @@ class Query:
         check_eps(self.eps, self.input_bounds[1] - self.input_bounds[0])
         if not self.nets or len(self.nets) != len(self.models):
             raise PhalanxError("a query needs one IR per model and at least one model")
+        if self.kind is QueryKind.PROPERTY:
+            self._check_property()
+            return
         if len({n.out_dim for n in self.nets}) != 1 or len({n.in_dim for n in self.nets}) != 1:
             raise PhalanxError("queried members must share input and output sizes")
         if self.x0.size != self.nets[0].in_dim:
@@ -125,17 +136,35 @@ class Query:
         if not 1 <= q <= self.num_groups:
             raise PhalanxError(f"quorum {self.quorum} out of range; accepted: 1..{self.num_groups}")
 
+    def _check_property(self) -> None:
+        if self.spec_box is None or self.spec_groups is None or not self.spec_groups:
+            raise PhalanxError("a property query needs spec_box and at least one group (use property_query)")
+        if len({n.in_dim for n in self.nets}) != 1 or self.x0.size != self.nets[0].in_dim:
+            raise PhalanxError("the networks of a property query must share one input")
+        lo, hi = self.spec_box
+        if lo.shape != (self.nets[0].in_dim,) or hi.shape != lo.shape or not np.all(lo <= hi):
+            raise PhalanxError("the input box of a property query must have one lower <= upper per input")
+        total = sum(n.out_dim for n in self.nets)
+        if any(len(g) == 0 or any(c.shape != (total,) for c in g) for g in self.spec_groups):
+            raise PhalanxError(f"every group needs coefficient vectors over the {total} concatenated outputs")
+        if not 1 <= self.required <= self.num_groups:
+            raise PhalanxError(f"quorum {self.quorum} out of range; accepted: 1..{self.num_groups}")
+
     @property
     def num_classes(self) -> int:
         return self.nets[0].out_dim
 
     @property
     def num_groups(self) -> int:
+        if self.spec_groups is not None:
+            return len(self.spec_groups)
         return 1 if self.kind is QueryKind.MEAN_LOGITS else len(self.nets)
 
     @property
     def required(self) -> int:
         """How many groups must hold (the quorum)."""
+        if self.kind is QueryKind.PROPERTY:
+            return self.num_groups if self.quorum is None else int(self.quorum)
         if self.kind is QueryKind.MEAN_LOGITS:
             return 1
         if self.kind is QueryKind.MAJORITY:
@@ -148,12 +177,16 @@ class Query:
         return self.runner_up is None
 
     def box(self) -> tuple[np.ndarray, np.ndarray]:
+        if self.spec_box is not None:
+            return self.spec_box[0].copy(), self.spec_box[1].copy()
         lo, hi = self.input_bounds
         return np.clip(self.x0 - self.eps, lo, hi), np.clip(self.x0 + self.eps, lo, hi)
 
     def groups(self) -> list[list[np.ndarray]]:
         """Each group is a list of coefficient vectors ``c`` over the concatenated logits; a
         group holds when ``c . Y >= 0`` for some ``c`` in it (``>= margin`` in Marabou)."""
+        if self.spec_groups is not None:
+            return [list(g) for g in self.spec_groups]
         total, slices = stack_outputs(self.nets)
         k, lab = self.num_classes, self.label
         out: list[list[np.ndarray]] = []
@@ -179,6 +212,9 @@ class Query:
         return out
 
     def describe(self) -> dict[str, Any]:
+        if self.kind is QueryKind.PROPERTY:
+            return {"kind": self.kind.value, "networks": len(self.nets), "inputs": int(self.x0.size),
+                    "groups": self.num_groups, "quorum": self.required, "qid": self.qid}
         return {"kind": self.kind.value, "members": len(self.nets), "eps": self.eps, "label": self.label,
                 "quorum": self.required, "runner_up": list(self.runner_up) if self.runner_up else None,
                 "qid": self.qid}
@@ -195,8 +231,59 @@ def member_labels(models: Sequence[nn.Module], x: np.ndarray, in_shape: tuple[in
     return np.stack(outs)
 
 
+class ConstantNet(nn.Module):
+    """The network ``x -> 1`` on inputs of ``in_shape``: carries the constant terms of VNN-LIB
+    atoms (``c . Y + d >= 0`` is ``c . Y + d * 1 >= 0``) so every backend reads plain groups."""
+
+    def __init__(self, in_shape: tuple[int, ...]) -> None:
+        super().__init__()
+        self.in_shape = in_shape
+        self.one: torch.Tensor
+        self.register_buffer("one", torch.ones(1, dtype=torch.float64))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.one.to(x.dtype).expand(x.shape[0], 1)
+
+    def ir(self) -> NetworkIR:
+        from phalanx.verification.ir import Affine
+
+        n = int(np.prod(self.in_shape))
+        return NetworkIR((Affine(np.zeros((1, n)), np.ones(1)),), n, 1, self.in_shape)
+
+
+def property_query(models: Sequence[nn.Module], nets: Sequence[NetworkIR], lower: np.ndarray, upper: np.ndarray,
+                   groups: Sequence[Sequence[np.ndarray]], *, quorum: int | None = None, qid: str = "") -> Query:
+    """A ``property`` query: some ``x`` in ``[lower, upper]`` with at least ``quorum`` (default
+    all) groups holding, a group holding when ``c . Y >= 0`` for one of its ``c`` (``Y`` the
+    concatenated outputs of ``nets``; add a :class:`ConstantNet` for constant terms)."""
+    lo, hi = np.asarray(lower, dtype=np.float64).reshape(-1), np.asarray(upper, dtype=np.float64).reshape(-1)
+    gs = tuple(tuple(np.asarray(c, dtype=np.float64).reshape(-1) for c in g) for g in groups)
+    if lo.size == 0 or not np.all(np.isfinite(lo)) or not np.all(np.isfinite(hi)):
+        raise PhalanxError("a property query needs a finite input box")
+    x0 = (lo + hi) / 2
+    eps = float(np.max(hi - lo)) / 2
+    span = (float(lo.min()), float(hi.max()))
+    return Query(tuple(models), tuple(nets), x0, eps, 0, QueryKind.PROPERTY, quorum, None, span, qid, (lo, hi), gs)
+
+
+def output_vector(query: Query, x: np.ndarray) -> np.ndarray:
+    """The concatenated flat float64 PyTorch outputs of every queried model at one flat input."""
+    xt = torch.as_tensor(np.asarray(x, dtype=np.float64).reshape(1, *query.nets[0].in_shape))
+    with torch.no_grad():
+        return np.concatenate([copy.deepcopy(m).double().eval()(xt).reshape(-1).numpy() for m in query.models])
+
+
+def group_margins(query: Query, y: np.ndarray) -> np.ndarray:
+    """Per group, the largest ``c . Y`` of its disjuncts (the group holds where it is ``>= 0``)."""
+    return np.asarray([max(float(c @ y) for c in g) for g in query.groups()])
+
+
 def property_holds(query: Query, logits: np.ndarray) -> tuple[bool, list[int]]:
-    """Evaluate the query's property with PyTorch's argmax semantics on (M, K) logits."""
+    """Evaluate the query's property with PyTorch's argmax semantics on (M, K) logits
+    (``property`` queries: VNN-LIB's ``>=`` on the concatenated outputs)."""
+    if query.kind is QueryKind.PROPERTY:
+        m = group_margins(query, np.concatenate([np.ravel(z) for z in logits]))
+        return int(np.sum(m >= 0.0)) >= query.required, []
     preds = [int(np.argmax(z)) for z in logits]
     if query.kind is QueryKind.MEAN_LOGITS:
         return int(np.argmax(logits.mean(0))) != query.label, preds
@@ -216,6 +303,13 @@ def recheck(query: Query, x: np.ndarray | None) -> tuple[np.ndarray | None, str,
     lo, hi = query.box()
     drift = float(np.max(np.maximum(lo - cand, cand - hi), initial=0.0))
     cand = np.clip(cand, lo, hi)
+    if query.kind is QueryKind.PROPERTY:
+        y = output_vector(query, cand)
+        ok, _ = property_holds(query, y[None, :])
+        details: dict[str, Any] = {"group_margins": group_margins(query, y).tolist(), "projection_drift": drift}
+        if not ok:
+            return None, "candidate does not satisfy the property in float64 PyTorch", details
+        return cand, "re-checked in float64 PyTorch", details
     logits = member_labels(query.models, cand, query.nets[0].in_shape)
     ok, preds = property_holds(query, logits)
     linf = float(np.max(np.abs(cand - query.x0)))
