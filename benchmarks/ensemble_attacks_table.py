@@ -30,7 +30,8 @@ from phalanx.training import TrainConfig, create_method, fit
 from phalanx.workflows.evaluation import standard_ensemble
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from mora_crosscheck import loadavg, write_out
+from common import loadavg
+from mora_crosscheck import write_out
 
 COLUMNS = ("pgd", "autoattack", "mora", "transfer-autoattack", "transfer-mora")
 

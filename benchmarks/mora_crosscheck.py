@@ -34,6 +34,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from common import loadavg  # benchmarks/ is on sys.path when a script runs
 from phalanx.attacks import create_attack
 from phalanx.data import load_dataset
 from phalanx.ensembles import Ensemble
@@ -45,12 +46,6 @@ ROOT = Path(__file__).resolve().parents[1]
 MNIST_DIR = ROOT.parent / "shared" / "data" / "mnist"
 COMBINER = {"softmax": "mean-prob", "voting": "vote-prob", "logits": "mean-logits"}
 FLOAT_DIS = {"softmax": 0.2, "voting": 0.8, "logits": 0.0}  # scripts/evaluation.sh
-
-
-def loadavg() -> list[str]:
-    """The 1/5/15-minute load averages (the foreign load stated next to the figures)."""
-    f = Path("/proc/loadavg")
-    return f.read_text().split()[:3] if f.exists() else []
 
 
 def write_out(name: str, payload: dict[str, Any]) -> Path:
