@@ -47,7 +47,7 @@ from phalanx.verification.backends import (
 from phalanx.verification.bounds import NetworkBounds
 from phalanx.verification.crown import _act_relax, forward_floor
 from phalanx.verification.joint import NodeBounds, Setup, evaluate, member_bounds, setup
-from phalanx.verification.query import Query, Verdict, VerificationResult, property_holds, recheck
+from phalanx.verification.query import Query, QueryKind, Verdict, VerificationResult, property_holds, recheck
 
 
 def root_bounds(query: Query, *, forward: bool = True, device: str | torch.device | None = None,
@@ -78,7 +78,8 @@ def query_bounds_of(st: Setup, nb: NodeBounds) -> QueryBounds:
 def _first_witness(query: Query, cands: list[np.ndarray]) -> tuple[np.ndarray, str, dict[str, Any]] | None:
     """The first candidate that satisfies the property in the float64 IR and re-checks in PyTorch."""
     for x in cands:
-        logits = np.stack([n.forward(x) for n in query.nets])
+        outs = [n.forward(x) for n in query.nets]  # property queries: members of any output size
+        logits = np.concatenate(outs)[None] if query.kind is QueryKind.PROPERTY else np.stack(outs)
         if property_holds(query, logits)[0]:
             w, msg, det = recheck(query, x)
             if w is not None:

@@ -137,6 +137,15 @@ def _member_key(query: Query, i: int) -> tuple[str, str, float, int, tuple[float
     return fp, point_fingerprint(query.x0), float(query.eps), query.label, query.input_bounds
 
 
+def _member_wise(query: Query) -> bool:
+    """Whether member-wise robustness can settle the query: only the argmax properties whose
+    groups are the members' own errors at the query's label (mutual-error, majority), without a
+    runner-up simplification, and with at least two members. Never for mean-logits or an explicit
+    ``property`` (VNN-LIB) query, whose groups say nothing about the members' labels."""
+    return (query.complete and query.kind in (QueryKind.MUTUAL_ERROR, QueryKind.MAJORITY)
+            and len(query.nets) >= 2)
+
+
 def _members_needed(query: Query) -> int:
     """How many members must be proven robust alone before fewer than ``quorum`` can err."""
     return len(query.nets) - query.required + 1
@@ -160,6 +169,8 @@ def robust_members(query: Query, backend: Verifier, time_limit_s: float, *,
     from phalanx.verification.query import make_query
 
     robust = solved = 0
+    if not _member_wise(query):
+        return robust, solved
     t0 = time.perf_counter()
     idx = list(order) if order is not None else list(range(len(query.nets)))
     w = list(weights) if weights is not None else [1.0] * len(query.nets)
@@ -279,7 +290,7 @@ class MembersStage:
 
     def _plan(self, query: Query, state: StageState) -> tuple[list[int], list[float], float]:
         k = len(query.nets)
-        if not query.complete or query.kind is QueryKind.MEAN_LOGITS or k < 2:
+        if not _member_wise(query):
             return [], [], 0.0
         qb = state.network_bounds(query)
         unstable = [float(nb.num_unstable) for nb in qb.nets] if qb is not None else [1.0] * k
