@@ -39,3 +39,17 @@ def test_member_stage_never_decides_a_property_query(second: str) -> None:
     assert r.counterexample is not None
     y = np.concatenate([m.double()(torch.as_tensor(r.counterexample)[None])[0].detach().numpy() for m in models])
     assert float(c @ y) >= 0.0
+
+
+def test_export_refuses_a_property_query() -> None:
+    """The exporter writes argmax properties at the query's label; a property (VNN-LIB) query
+    has no label, so exporting it would silently write another property."""
+    from phalanx.errors import PhalanxError
+    from phalanx.verification.export import vnnlib2_text, vnnlib_text
+
+    a, b = _class0_net(), _class0_net()
+    q = property_query([a, b], [to_ir(a, (2,)), to_ir(b, (2,))], [0.0, 0.0], [1.0, 1.0],
+                       [[np.array([1.0, 0.0, -1.0, 0.0])]])
+    for fn in (vnnlib_text, vnnlib2_text):
+        with pytest.raises(PhalanxError, match="property"):
+            fn(q)

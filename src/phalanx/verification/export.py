@@ -59,6 +59,9 @@ def _onnx(model: nn.Module, in_shape: tuple[int, ...], path: Path) -> Path:
 
 def _groups(query: Query) -> list[list[tuple[int, int]]]:
     """Per group, the ``(r, l)`` output index pairs of its disjuncts ``Y_r >= Y_l``."""
+    if query.kind is QueryKind.PROPERTY:
+        raise PhalanxError("a property query (read from VNN-LIB) has no label to export; accepted: mutual-error, "
+                           "mean-logits or majority queries (the VNN-LIB file itself is the property)")
     k, lab = query.num_classes, query.label
     if query.kind is QueryKind.MEAN_LOGITS:
         return [[(r, lab) for r in range(k) if r != lab]]
