@@ -108,3 +108,20 @@ def test_bad_file_is_one_error(tmp_path) -> None:  # type: ignore[no-untyped-def
         load_onnx(bad)
     with pytest.raises(PhalanxError, match="not found"):
         load_onnx(tmp_path / "missing.onnx")
+
+
+def test_check_import_refuses_a_network_that_onnxruntime_computes_differently() -> None:
+    """The load-time guard behind ``verify vnnlib``: the IR must agree with onnxruntime on random
+    inputs; an import whose IR computes another function (here: the model bytes of a different
+    network under the same IR) is refused instead of verified."""
+    import dataclasses
+
+    from phalanx.verification.interchange import IMPORT_TOL, check_import
+
+    model = _mlp()
+    net = import_model(model, "mlp", model.SerializeToString())
+    assert check_import(net) <= IMPORT_TOL
+    other = _mlp()  # fresh random weights: same shapes, another function
+    misread = dataclasses.replace(net, model_bytes=other.SerializeToString())
+    with pytest.raises(PhalanxError, match="differs from onnxruntime"):
+        check_import(misread)

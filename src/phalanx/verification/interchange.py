@@ -83,7 +83,33 @@ def load_instance(networks: str | Path | Sequence[str | Path], prop_path: str | 
         if net.in_dim != decl.n_inputs or net.n_outputs != decl.n_outputs:
             raise PhalanxError(f"{prop_path}: network {net.source} has {net.in_dim} inputs and {net.n_outputs} "
                                f"outputs, the property declares {decl.n_inputs} and {decl.n_outputs}")
+    region = prop.regions[0] if prop.regions and len(nets) == 1 else None
+    for net in nets:
+        check_import(net, region.lower if region is not None else None, region.upper if region is not None else None)
     return nets, prop
+
+
+IMPORT_TOL = 1e-4  # onnxruntime computes in float32: relative to the outputs' scale
+
+
+def check_import(net: OnnxNetwork, lower: np.ndarray | None = None, upper: np.ndarray | None = None,
+                 samples: int = 16, seed: int = 0) -> float:
+    """Refuse a network that phalanx may have misread: the exact IR (what every verifier encodes)
+    and onnxruntime must agree on ``samples`` random inputs in ``[lower, upper]`` (default
+    ``[0, 1]``) to ``IMPORT_TOL`` relative to the outputs' scale. A wrong import could otherwise
+    give a wrong UNSAT (a wrong SAT is already impossible: witnesses are re-checked on onnxruntime).
+    Returns the relative difference."""
+    rng = np.random.default_rng(seed)
+    lo = np.zeros(net.in_dim) if lower is None else np.asarray(lower, dtype=np.float64).reshape(-1)
+    hi = np.ones(net.in_dim) if upper is None else np.asarray(upper, dtype=np.float64).reshape(-1)
+    x = lo + (hi - lo) * rng.random((samples, net.in_dim))
+    y_ort = np.asarray(net.run_onnxruntime(x), dtype=np.float64).reshape(samples, -1)
+    y_ir = net.forward_ir(x).reshape(samples, -1)
+    rel = float(np.max(np.abs(y_ort - y_ir)) / (1.0 + np.max(np.abs(y_ort))))
+    if not rel <= IMPORT_TOL:
+        raise PhalanxError(f"{net.source}: the imported network differs from onnxruntime by {rel:.2e} (relative) on "
+                           f"random inputs, above {IMPORT_TOL:g}; refusing to verify a network phalanx may have misread")
+    return rel
 
 
 def instance_queries(nets: Sequence[OnnxNetwork], prop: Property, qid: str = "") -> list[Query]:
