@@ -13,7 +13,9 @@ every command that writes a run folder (and by sweeps):
   (``checkpoints/last.pt``), which is retried in place; ``CONTINUE`` accepts a run of the same command (resumable query stores:
   ``verify``, ``select``) and refuses others; ``RESUME`` requires a run of the same command
   to continue (``train --resume``); ``OVERWRITE`` accepts any run and deletes its record
-  files (:data:`RECORD_FILES`) first, keeping checkpoints and other files.
+  files (:data:`RECORD_FILES`) and its training state (``checkpoints/last.pt``, which a
+  ``--resume`` would otherwise continue under the new run's config if the new run dies before
+  its first checkpoint) first, keeping ``ensemble.pt`` (a possible ``model.init``) and other files.
 - The lock is ``.phalanx/lock`` in the folder: an ``flock`` held for the process's life,
   with the owner's pid and command written in it for the error message. The kernel drops it
   when the owner dies (also on SIGKILL), so a stale lock cannot block a folder; a second
@@ -149,7 +151,7 @@ def open_run(out: str | Path | None, command: str, *, reuse: Reuse | str = Reuse
     try:
         _check_reuse(path, command, policy)
         if policy is Reuse.OVERWRITE:
-            for name in RECORD_FILES:
+            for name in (*RECORD_FILES, RESUMABLE_STATE):
                 (path / name).unlink(missing_ok=True)
         return RunFolder(path, command, lock)
     except BaseException:

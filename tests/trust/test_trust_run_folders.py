@@ -191,3 +191,19 @@ def test_default_run_folders_are_distinct(tmp_path: Path) -> None:
         for r in runs:
             r.close()
     assert all(run_info(r.path)["status"] == "finished" for r in runs)
+
+
+def test_overwrite_drops_the_replaced_runs_training_state(tmp_path: Path) -> None:
+    """``--overwrite`` replaces a run; if the new run dies before its first checkpoint, the folder
+    must not offer the old run's training state to ``--resume`` under the new config."""
+    out = tmp_path / "r"
+    with open_run(out, "train"):
+        (out / "checkpoints").mkdir()
+        (out / "checkpoints" / "last.pt").write_bytes(b"old run's state")
+        (out / "ensemble.pt").write_bytes(b"old run's weights")  # may serve as model.init: kept
+    new = open_run(out, "train", reuse=Reuse.OVERWRITE)
+    new.close("interrupted")  # killed before its first epoch ended
+    assert not (out / "checkpoints" / "last.pt").exists()
+    assert (out / "ensemble.pt").read_bytes() == b"old run's weights"
+    with open_run(out, "train"):  # nothing to resume: the interrupted run is retried in place
+        pass
