@@ -124,19 +124,21 @@ def run_cell(cell: dict[str, Any], cell_dir: str, evaluations: list[dict[str, An
 
 
 def _recover_lost_evaluation(run_dir: Path, intermediate: set[int], evaluate: Callable[[Any], Any]) -> None:
-    """A driver killed while an intermediate evaluation ran leaves the checkpoint at that epoch
-    without its evaluation (``fit`` checkpoints, then calls back). ``ensemble.pt`` then still
-    holds that epoch's weights (the next epoch has not finished), so evaluate it now."""
-    from phalanx.ensembles import checkpoint_info, load_ensemble
+    """A driver killed after an epoch's training checkpoint but before that epoch's evaluation
+    (``fit`` writes ``checkpoints/last.pt``, then ``ensemble.pt``, then calls back) resumes
+    *after* that epoch, so its callback never comes again. ``last.pt`` holds exactly that
+    epoch's weights (``ensemble.pt`` may still hold the epoch before), so evaluate them now."""
+    from phalanx.ensembles import ensemble_from_state, safe_load
 
-    saved = run_dir / "ensemble.pt"
-    if not saved.is_file():
+    ckpt = run_dir / "checkpoints" / "last.pt"
+    if not ckpt.is_file():
         return
-    epoch = checkpoint_info(saved)["extra"].get("epochs")
+    state = safe_load(ckpt, "training checkpoint")
+    epoch = state.get("epoch") if isinstance(state, dict) else None
     target = run_dir / "evals" / f"epoch-{epoch}.json"
     if epoch in intermediate and not target.is_file():
         log.info("evaluating %s at epoch %s (interrupted before its evaluation)", run_dir, epoch)
-        write_json(target, evaluate(load_ensemble(saved)))
+        write_json(target, evaluate(ensemble_from_state(state["ensemble"], str(ckpt)).eval()))
 
 
 # ---------------------------------------------------------------- the sweep folder
