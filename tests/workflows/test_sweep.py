@@ -348,9 +348,11 @@ def test_cli_status_dry_run_and_resume_from_the_folder(killed_and_resumed, capsy
     assert read_manifest(folder)["cells"] == before["cells"]
 
 
-def test_evaluation_interrupted_after_its_checkpoint_is_recovered_on_resume(tmp_path) -> None:
-    """The driver dies after epoch 1's checkpoint, before epoch 1's evaluation was written:
-    the resumed cell evaluates the epoch-1 weights, equal to an uninterrupted run's."""
+@pytest.mark.parametrize("ensemble_pt_written", [True, False])
+def test_evaluation_interrupted_after_its_checkpoint_is_recovered_on_resume(tmp_path, ensemble_pt_written) -> None:
+    """The driver dies after epoch 1's checkpoint, before epoch 1's evaluation was written (also
+    between ``checkpoints/last.pt`` and ``ensemble.pt``, so the latter still lags): the resumed
+    cell evaluates the epoch-1 weights, equal to an uninterrupted run's."""
     from phalanx.workflows.sweep import run_cell
 
     spec = parse_sweep_spec(spec_tree(GRID_2X2X2))
@@ -362,31 +364,13 @@ def test_evaluation_interrupted_after_its_checkpoint_is_recovered_on_resume(tmp_
     first["eval_epochs"] = [1]
     run_cell(first, str(tmp_path / "cut"), evals)  # trains epoch 1 and checkpoints it
     assert not (tmp_path / "cut" / "evals" / "epoch-1.json").exists()  # epoch 1 was its final epoch
+    if not ensemble_pt_written:
+        (tmp_path / "cut" / "ensemble.pt").unlink()  # the kill came before epoch 1's ensemble.pt
     resumed = run_cell(cell.to_dict(), str(tmp_path / "cut"), evals)
     assert resumed["resumed_from_epoch"] == 1
     assert resumed["evaluations"]["1"] == whole["evaluations"]["1"]
     assert resumed["evaluations"]["2"]["wb"]["whitebox"]["curves"] == whole["evaluations"]["2"]["wb"]["whitebox"]["curves"]
 
-
-
-def test_evaluation_lost_between_the_two_checkpoint_writes_is_recovered(tmp_path) -> None:
-    """Killed after epoch 1's ``checkpoints/last.pt`` but before its ``ensemble.pt`` (so before
-    the evaluation too): the resume starts after epoch 1, so epoch 1's evaluation must come from
-    the training state, not be dropped."""
-    from phalanx.workflows.sweep import run_cell
-
-    spec = parse_sweep_spec(spec_tree(GRID_2X2X2))
-    cell = next(c for c in spec.cells() if c.key == "adp-seed0-members=2")
-    evals = [e.to_dict() for e in spec.evaluations]
-    whole = run_cell(cell.to_dict(), str(tmp_path / "whole"), evals)
-    first = cell.to_dict()
-    first["config"] = {**first["config"], "train": {**first["config"]["train"], "epochs": 1}}
-    first["eval_epochs"] = [1]
-    run_cell(first, str(tmp_path / "cut"), evals)
-    (tmp_path / "cut" / "ensemble.pt").unlink()  # the kill came before epoch 1's ensemble.pt
-    resumed = run_cell(cell.to_dict(), str(tmp_path / "cut"), evals)
-    assert resumed["resumed_from_epoch"] == 1
-    assert resumed["evaluations"]["1"] == whole["evaluations"]["1"]
 
 def test_rerun_recomputes_a_cell_and_its_dependents_from_scratch(tmp_path) -> None:
     spec = write_spec(tmp_path, DIVERGE.replace('set = { "train.lr" = 1e30, "train.momentum" = 0.0 }', ""))
