@@ -96,6 +96,15 @@ def test_failing_setup_fails_every_task(engine):
     assert all(o.error == "setup failed: ValueError: no" for o in out)
 
 
+
+def test_a_failed_setup_does_not_fail_a_later_run_without_setup():
+    """Workers persist across runs: a run's failed setup belongs to that run only."""
+    with create_engine("local", workers=1) as eng:
+        first = list(eng.run([Task("a", probes.noop, (1,))], setup=Setup(probes.fail, ("no",))))
+        assert first[0].status is Status.FAILED
+        later = list(eng.run([Task("b", probes.noop, (2,))]))
+        assert later[0].status is Status.DONE, later[0].error
+
 def test_setup_is_redone_in_a_replacement_worker():
     with create_engine("local", workers=1) as eng:
         setup = Setup(probes.remember, kwargs={"tag": "kept"})

@@ -209,9 +209,10 @@ class LocalEngine:
         return cpu
 
     def _dispatch(self, w: _Worker, task: Task, setup: Setup | None) -> None:
-        if setup is not None and w.token != setup.token:
+        token = setup.token if setup is not None else None
+        if w.token != token:  # also a run without setup: the worker forgets an earlier run's failed setup
             w.conn.send(("setup", setup))
-            w.token = setup.token
+            w.token = token
         w.task, w.started = task, time.perf_counter()
         w.deadline = w.started + task.timeout_s if task.timeout_s is not None else float("inf")
         w.cpu0 = _proc_cpu(w.pid)
