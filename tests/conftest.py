@@ -79,3 +79,28 @@ class ScaledLogits(torch.nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.member(x) * self.factor  # type: ignore[no-any-return]
+
+
+def assert_child_dies_with_driver(code: str, mark: Path) -> None:
+    """Run ``code`` in a driver process whose child writes its pid to ``mark`` and then sleeps;
+    SIGKILL the driver and assert that the child ends too."""
+    import subprocess
+    import sys
+    import time
+
+    proc = subprocess.Popen([sys.executable, "-c", code])
+    deadline = time.monotonic() + 120
+    while not (mark.is_file() and mark.read_text()) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    child = int(mark.read_text())
+    proc.kill()
+    proc.wait()
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        try:
+            os.kill(child, 0)
+        except ProcessLookupError:
+            return
+        time.sleep(0.1)
+    os.kill(child, 9)
+    raise AssertionError("a child process outlived its driver")

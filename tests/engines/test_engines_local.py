@@ -148,28 +148,9 @@ def test_bad_arguments():
 
 def test_killed_driver_leaves_no_worker_running(tmp_path):
     """SIGKILL the driver while its worker sleeps in a task: the worker dies too."""
-    import os
-    import subprocess
-    import sys
-    import time
+    from conftest import assert_child_dies_with_driver
 
     mark = tmp_path / "pid"
-    code = ("from phalanx.engines import create_engine, Task, probes\n"
-            f"e = create_engine('local', workers=1)\nlist(e.run([Task('t', probes.mark_and_sleep, ({str(mark)!r}, 60))]))")
-    proc = subprocess.Popen([sys.executable, "-c", code])
-    deadline = time.monotonic() + 60
-    while not (mark.is_file() and mark.read_text()) and time.monotonic() < deadline:
-        time.sleep(0.05)
-    worker = int(mark.read_text())
-    proc.kill()
-    proc.wait()
-    deadline = time.monotonic() + 20
-    while time.monotonic() < deadline:
-        try:
-            os.kill(worker, 0)
-        except ProcessLookupError:
-            break
-        time.sleep(0.1)
-    else:
-        os.kill(worker, 9)
-        raise AssertionError("the worker outlived its driver")
+    assert_child_dies_with_driver("from phalanx.engines import create_engine, Task, probes\n"
+                                  "e = create_engine('local', workers=1)\n"
+                                  f"list(e.run([Task('t', probes.mark_and_sleep, ({str(mark)!r}, 60))]))", mark)

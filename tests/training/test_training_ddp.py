@@ -128,3 +128,13 @@ def test_train_cli_inside_a_process_group_as_under_torchrun(tmp_path):
     ddp.run_local(2, _cli_rank, ([*argv, "--out", str(tmp_path)],), device="cpu", timeout_s=600)
     assert (tmp_path / "report.md").is_file()
     assert [json.loads(ln)["epoch"] for ln in (tmp_path / "metrics.jsonl").read_text().splitlines()] == [1, 2]
+
+
+def test_killed_driver_leaves_no_rank_running(tmp_path):
+    """SIGKILL ``train --nproc``'s driver (the run folder's lock holder, released by the kernel):
+    its ranks must die too, or they would go on writing into a folder that a new process may now own."""
+    from conftest import assert_child_dies_with_driver
+
+    mark = tmp_path / "pid"
+    assert_child_dies_with_driver("from phalanx.engines import probes\nfrom phalanx.training import distributed as ddp\n"
+                                  f"ddp.run_local(2, probes.mark_and_sleep, ({str(mark)!r}, 120), device='cpu')", mark)

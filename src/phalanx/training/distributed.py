@@ -152,7 +152,12 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def _rank_main(rank: int, world: int, port: int, device: str, fn: Callable[..., Any], args: tuple[Any, ...]) -> None:
+def _rank_main(rank: int, world: int, port: int, device: str, fn: Callable[..., Any], args: tuple[Any, ...],
+               driver: Any = None) -> None:
+    if driver is not None:  # a killed driver (the run folder's lock holder) leaves no rank writing there
+        from phalanx.engines.local import _exit_with_driver
+
+        _exit_with_driver(driver)
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), LOCAL_WORLD_SIZE=str(world),
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(max(1, int(os.environ.get("OMP_NUM_THREADS", "1"))))
@@ -179,11 +184,14 @@ def run_local(nproc: int, fn: Callable[..., Any], args: Iterable[Any] = (), *, d
         raise PhalanxError(f"--nproc {nproc} needs {nproc} GPUs; {torch.cuda.device_count()} visible")
     ctx = mp.get_context("forkserver" if "forkserver" in mp.get_all_start_methods() else "spawn")
     port = _free_port()
-    procs = [ctx.Process(target=_rank_main, args=(r, nproc, port, device, fn, tuple(args)), name=f"phalanx-rank{r}")  # type: ignore[attr-defined]
+    alive_r, alive_w = ctx.Pipe(duplex=False)  # the driver holds the write end for its whole life
+    procs = [ctx.Process(target=_rank_main, args=(r, nproc, port, device, fn, tuple(args), alive_r),  # type: ignore[attr-defined]
+                         name=f"phalanx-rank{r}")
              for r in range(nproc)]
-    for p in procs:
-        p.start()
     try:
+        for p in procs:
+            p.start()
+        alive_r.close()
         pending = {p.sentinel: (r, p) for r, p in enumerate(procs)}
         while pending:
             ready = wait(list(pending), timeout=timeout_s)
@@ -196,6 +204,8 @@ def run_local(nproc: int, fn: Callable[..., Any], args: Iterable[Any] = (), *, d
                     raise PhalanxError(f"rank {r} of {nproc} failed (exit code {p.exitcode}); see its output above")
     finally:
         for p in procs:
-            if p.is_alive():
+            if p.pid is not None and p.is_alive():
                 p.kill()
-            p.join(timeout=10)
+            if p.pid is not None:
+                p.join(timeout=10)
+        alive_w.close()
