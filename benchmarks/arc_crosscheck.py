@@ -37,8 +37,8 @@ from phalanx.ensembles import Ensemble, expected_correct
 from phalanx.types import Norm, ThreatModel
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import loadavg
-from mora_crosscheck import train_ensemble, write_out
+from common import loadavg, write_out
+from mora_crosscheck import train_ensemble
 
 
 @contextmanager

@@ -21,7 +21,6 @@ A library that cannot be imported is skipped (its column says so).
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import time
 from collections.abc import Callable
@@ -32,7 +31,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from common import loadavg  # benchmarks/ is on sys.path when a script runs
+from common import loadavg, write_out  # benchmarks/ is on sys.path when a script runs
 from phalanx.attacks import create_attack
 from phalanx.ensembles import Ensemble
 from phalanx.models import create_model
@@ -163,8 +162,7 @@ def main() -> None:
     for arch in args.archs:
         doc["setups"][arch] = one_setup(arch, args)
     doc["load_after"] = loadavg()
-    (ROOT / "benchmarks" / "out").mkdir(parents=True, exist_ok=True)
-    (ROOT / "benchmarks" / "out" / "attack_throughput.json").write_text(json.dumps(doc, indent=1))
+    write_out("attack_throughput.json", doc, indent=1)
     print(f"\nload average before / after: {doc['load_before']} / {doc['load_after']}")
     print("\n| ensemble | attack | side | median wall s | median CPU s | phalanx speed ratio, wall (side / phalanx) "
           "| CPU |")

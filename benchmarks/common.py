@@ -2,9 +2,20 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+
+OUT = Path(__file__).resolve().parent / "out"
+
+
+def write_out(name: str, payload: dict[str, Any], indent: int = 2) -> Path:
+    """Write a benchmark's JSON result to ``benchmarks/out/NAME`` and return the path."""
+    path = OUT / name
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(payload, indent=indent) + "\n")
+    return path
 
 
 def loadavg() -> list[float]:

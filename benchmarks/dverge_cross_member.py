@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
-import json
 import statistics
 import time
 from collections.abc import Iterator
@@ -32,7 +31,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from common import loadavg
+from common import loadavg, write_out
 from phalanx.attacks import feature_distillation
 from phalanx.models import create_model
 from phalanx.training.dverge import cross_member_loss
@@ -111,8 +110,7 @@ def main() -> None:
                                   "grouped_over_separate": med["cross-member, grouped"] / med["cross-member, separate"]}
         print(f"M={m}: {med}, cross-member share {share:.2f}", flush=True)
     doc["load_after"] = loadavg()
-    (ROOT / "benchmarks" / "out").mkdir(parents=True, exist_ok=True)
-    (ROOT / "benchmarks" / "out" / "dverge_cross_member.json").write_text(json.dumps(doc, indent=1))
+    write_out("dverge_cross_member.json", doc, indent=1)
     print(f"\nexactness check: {doc['check']}; load {doc['load_before']} / {doc['load_after']}\n")
     print("| M | distillation s (per member) | cross-member s, separate | grouped (exact batching) | grouped / separate "
           "| cross-member share of a member's step |")

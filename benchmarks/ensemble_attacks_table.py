@@ -30,8 +30,7 @@ from phalanx.training import TrainConfig, create_method, fit
 from phalanx.workflows.evaluation import standard_ensemble
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import loadavg
-from mora_crosscheck import write_out
+from common import loadavg, write_out
 
 COLUMNS = ("pgd", "autoattack", "mora", "transfer-autoattack", "transfer-mora")
 

@@ -23,7 +23,6 @@ output (mean softmax / soft vote with margin 10 / mean logits) and phalanx's com
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import time
@@ -34,7 +33,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from common import loadavg  # benchmarks/ is on sys.path when a script runs
+from common import loadavg, write_out  # benchmarks/ is on sys.path when a script runs
 from phalanx.attacks import create_attack
 from phalanx.data import load_dataset
 from phalanx.ensembles import Ensemble
@@ -46,13 +45,6 @@ ROOT = Path(__file__).resolve().parents[1]
 MNIST_DIR = ROOT.parent / "shared" / "data" / "mnist"
 COMBINER = {"softmax": "mean-prob", "voting": "vote-prob", "logits": "mean-logits"}
 FLOAT_DIS = {"softmax": 0.2, "voting": 0.8, "logits": 0.0}  # scripts/evaluation.sh
-
-
-def write_out(name: str, payload: dict[str, Any]) -> Path:
-    path = ROOT / "benchmarks" / "out" / name
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(payload, indent=2) + "\n")
-    return path
 
 
 def train_ensemble(dataset: str, epochs: int, seed: int) -> tuple[Ensemble, Any]:
