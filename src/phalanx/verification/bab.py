@@ -44,9 +44,12 @@ from phalanx.verification.backends import (
     build_milp,
     query_bounds,
 )
+from phalanx.errors import PhalanxError
+from phalanx.verification import batched
 from phalanx.verification.bounds import NetworkBounds
-from phalanx.verification.crown import _act_relax, forward_floor
+from phalanx.verification.crown import PreBounds, _act_relax, forward_floor
 from phalanx.verification.joint import NodeBounds, Setup, evaluate, member_bounds, setup
+from phalanx.verification.refine import refine_bounds
 from phalanx.verification.query import Query, QueryKind, Verdict, VerificationResult, property_holds, recheck
 
 
@@ -157,6 +160,31 @@ def branch_choice(st: Setup, nb: NodeBounds) -> tuple[int, int, int] | None:
     return None if best is None else best[2]
 
 
+def _importance(st: Setup, root: NodeBounds, pre: list[list[tuple[torch.Tensor, torch.Tensor]]]
+                ) -> list[list[torch.Tensor] | None]:
+    """Per member and act: how much each neuron's relaxation can move the objective (the summed
+    magnitude of its back-substituted coefficients over the live rows, times its interval's
+    smaller side), the order in which ``refine_bounds`` tightens neurons."""
+    out: list[list[torch.Tensor] | None] = [None] * len(pre)
+    if root.forms is None:
+        return out
+    live = torch.as_tensor(root.upper[root.ids] >= -BOUND_TOL, device=st.x_lo.device)
+    part = 0
+    for i, used in enumerate(st.users):
+        if not used:
+            continue
+        rec = root.forms.rec[part] if part < len(root.forms.rec) else {}
+        part += 1
+        scores = []
+        for k, (lo, hi) in enumerate(pre[i]):
+            side = torch.minimum(hi, -lo).clamp(min=0.0)
+            coef = rec.get(k)
+            weight = coef[live].abs().sum(0) if coef is not None and coef.shape[0] == live.shape[0] else 1.0
+            scores.append((weight + 1e-12) * side)
+        out[i] = scores
+    return out
+
+
 class BabVerifier(Verifier):
     """Complete: branch and bound over ReLU splits with joint CROWN bounds, MILP at small leaves
     and as the fallback (see the module docstring)."""
@@ -165,10 +193,16 @@ class BabVerifier(Verifier):
 
     def __init__(self, alpha_steps: int = 20, node_alpha_steps: int = 8, leaf_unstable: int = 48,
                  bab_share: float = 0.7, threads: int = 1, forward: bool = True, refine_intermediate: bool = False,
-                 device: str | None = None) -> None:
+                 device: str | None = None, batch: int = 256, batch_leaf_unstable: int = 16,
+                 batch_dtype: str = "float32", refine_share: float = 0.4, refine_neuron_s: float = 0.5) -> None:
         self.alpha_steps, self.node_alpha_steps, self.leaf_unstable = alpha_steps, node_alpha_steps, leaf_unstable
         self.refine_intermediate = refine_intermediate
         self.bab_share, self.threads, self.forward, self.device = bab_share, threads, forward, device
+        if batch_dtype not in ("float32", "float64"):
+            raise PhalanxError(f"batch_dtype {batch_dtype!r} not accepted; accepted: float32, float64")
+        self.batch, self.batch_leaf_unstable = int(batch), int(batch_leaf_unstable)
+        self.refine_share, self.refine_neuron_s = float(refine_share), float(refine_neuron_s)
+        self.batch_dtype = torch.float32 if batch_dtype == "float32" else torch.float64
 
     def verify(self, query: Query, *, time_limit_s: float) -> VerificationResult:
         t0 = time.perf_counter()
@@ -182,6 +216,11 @@ class BabVerifier(Verifier):
         if w is not None:
             return self._result(Verdict.SAT, t0, counterexample=w[0], message=f"bounds' maximiser: {w[1]}",
                                 details={**w[2], **stats})
+        if self.batch > 0 and query.complete and all(batched.is_chain(g) for g, u in zip(st.graphs, st.users,
+                                                                                        strict=True) if u):
+            r = self._batched(query, st, root, t0, deadline, stats)
+            if r is not None:
+                return r
         tie = itertools.count()
         heap: list[tuple[float, int, _Domain]] = []
         heapq.heappush(heap, (-float(root.upper.max()), next(tie), _Domain([{} for _ in query.nets], root, 0)))
@@ -222,6 +261,60 @@ class BabVerifier(Verifier):
             return self._result(Verdict.TIMEOUT, t0, message="runner-up query refuted: proves nothing", details=stats)
         return self._result(Verdict.UNSAT, t0, message=f"branch and bound: all {stats['domains']} domains refuted",
                             details=stats)
+
+    def _batched(self, query: Query, st: Setup, root: NodeBounds, t0: float, deadline: float,
+                 stats: dict[str, int]) -> VerificationResult | None:
+        """The batched search (``batched.py``) for chain members; None when the query does not fit
+        it (too many conjunctions)."""
+        pre = [[(lo, hi) for lo, hi in p.pre] for p in root.pre]
+        limit = deadline - t0
+        pre = batched.optimise_intermediate(st, pre, self.alpha_steps, deadline=t0 + 0.2 * limit)
+        if self.refine_share > 0:
+            refine_until = time.perf_counter() + self.refine_share * (deadline - time.perf_counter())
+            scores = _importance(st, root, pre)
+            for i, used in enumerate(st.users):
+                if used and len(pre[i]) > 1:
+                    pre[i], rs = refine_bounds(st.graphs[i], pre[i], st.x_lo, st.x_hi, deadline=refine_until,
+                                               scores=scores[i], per_neuron_s=self.refine_neuron_s,
+                                               threads=self.threads)
+                    for key, v in rs.items():
+                        stats[f"refine_{key}"] = stats.get(f"refine_{key}", 0) + v
+            pre = batched.optimise_intermediate(st, pre, self.alpha_steps, deadline=t0 + 0.6 * limit)
+        pb = batched.make_problem(st, pre, root.upper)
+        if pb is None:
+            return None
+        bab_until = t0 + self.bab_share * (deadline - t0)
+        leaf_out: list[VerificationResult] = []
+
+        def leaf(bounds: list[list[tuple[torch.Tensor, torch.Tensor]]]) -> bool | np.ndarray | None:
+            pres = [PreBounds(b, True, p.out) for b, p in zip(bounds, root.pre, strict=True)]
+            nb = NodeBounds(pres, root.forms, root.upper, root.lower, False, "")
+            r = self._milp(query, st, nb, t0, deadline, stats, "leaf")
+            if r is None:
+                return True
+            leaf_out.append(r)
+            return r.counterexample if r.verdict is Verdict.SAT else None
+
+        def confirm(cands: list[np.ndarray]) -> np.ndarray | None:
+            w = _first_witness(query, cands)
+            return None if w is None else w[0]
+
+        out = batched.search(pb, root.upper, deadline=bab_until, batch=self.batch, steps=self.node_alpha_steps,
+                             root_steps=self.alpha_steps, leaf_unstable=self.batch_leaf_unstable,
+                             dtype=self.batch_dtype, leaf=leaf, confirm=confirm)
+        stats.update(out.stats)
+        stats["batched"] = 1
+        if out.unsat:
+            return self._result(Verdict.UNSAT, t0, message=f"batched branch and bound: {out.message}", details=stats)
+        if leaf_out and leaf_out[-1].verdict is not Verdict.TIMEOUT:
+            return leaf_out[-1]  # a leaf MILP's re-checked SAT, or its error
+        if out.witness is not None:  # already re-checked by ``confirm``
+            return self._result(Verdict.SAT, t0, counterexample=out.witness, message=out.message, details=stats)
+        if time.perf_counter() < deadline - 0.05:  # the MILP with the optimised intermediate bounds
+            tight = NodeBounds([PreBounds(b, True, p.out) for b, p in zip(pre, root.pre, strict=True)], root.forms,
+                               root.upper, root.lower, False, "")
+            return self._fallback(query, st, tight, t0, deadline, stats, stats.get("open_domains", 0))
+        return self._result(Verdict.TIMEOUT, t0, message=f"batched branch and bound: {out.message}", details=stats)
 
     def _milp(self, query: Query, st: Setup, nb: NodeBounds, t0: float, deadline: float,
               stats: dict[str, int], where: str) -> VerificationResult | None:
