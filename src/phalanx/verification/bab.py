@@ -20,6 +20,15 @@ back-substitution with the split neurons' intervals clamped and the split constr
    search is complete: every leaf is refuted by bounds, an empty split domain, an infeasible
    MILP, or yields a re-checked witness.
 
+When every member the query reads is a chain of affine ops and (leaky) ReLUs (``batch > 0``,
+the default), the search after the root is the batched one of ``batched.py`` instead: the
+root's intermediate bounds are first tightened by alpha-CROWN (``alpha_steps``) and by MILP
+refinement of the most important unstable neurons (``refine.py``; ``refine_share`` of the time
+left, at most ``refine_neuron_s`` per neuron and side), then ``batch`` domains at a time are
+split and bounded with optimised slopes and split multipliers (in ``batch_dtype``, every
+deciding bound recomputed in float64), with the MILP at leaves of at most
+``batch_leaf_unstable`` unstable neurons.
+
 UNSAT only when every domain is closed that way; SAT only with a witness re-checked in float64
 PyTorch; TIMEOUT otherwise (never UNSAT on a time limit). After ``bab_share`` of the time limit
 the open search is abandoned for the MILP on the whole query with the root's (tighter) bounds.
@@ -36,6 +45,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from phalanx.errors import PhalanxError
+from phalanx.verification import batched
 from phalanx.verification.backends import (
     BOUND_TOL,
     FAST_HIGHS_OPTIONS,
@@ -44,13 +55,11 @@ from phalanx.verification.backends import (
     build_milp,
     query_bounds,
 )
-from phalanx.errors import PhalanxError
-from phalanx.verification import batched
 from phalanx.verification.bounds import NetworkBounds
 from phalanx.verification.crown import PreBounds, _act_relax, forward_floor
 from phalanx.verification.joint import NodeBounds, Setup, evaluate, member_bounds, setup
-from phalanx.verification.refine import refine_bounds
 from phalanx.verification.query import Query, QueryKind, Verdict, VerificationResult, property_holds, recheck
+from phalanx.verification.refine import refine_bounds
 
 
 def root_bounds(query: Query, *, forward: bool = True, device: str | torch.device | None = None,

@@ -224,7 +224,7 @@ def refine_bounds(g: Graph, pre: Bounds, x_lo: torch.Tensor, x_hi: torch.Tensor,
                 left = deadline - time.perf_counter()
                 if left <= 0:
                     break
-                if maximise and hi[k][j] <= 0 or not maximise and lo[k][j] >= 0:
+                if (maximise and hi[k][j] <= 0) or (not maximise and lo[k][j] >= 0):
                     continue
                 v = _solve_bound(model, highspy, h_cols, w[j], maximise, min(per_neuron_s, left))
                 stats["milps"] += 1
