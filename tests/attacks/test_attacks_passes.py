@@ -77,3 +77,21 @@ def test_in_place_linf_steps_match_the_out_of_place_loop_to_the_bit() -> None:
     for norm in (Norm.LINF, Norm.L2):
         t = ThreatModel(norm, 0.2)
         assert torch.equal(project_(a.clone(), x, t), project(a, x, t))
+
+
+def test_apgd_takes_no_gradient_at_its_final_iterate() -> None:
+    """APGD evaluates n_iter + 1 points but differentiates only n_iter of them (the last
+    iterate's gradient is never used), and still reports the last iterate when it is the best."""
+    from phalanx.attacks.parameter_free import apgd_box
+
+    with_grad, without = [], []
+
+    def objective(a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        (with_grad if a.requires_grad else without).append(1)
+        return a.sum(1), torch.zeros(a.shape[0], dtype=torch.bool)  # increases along +1: best = last
+
+    lo, hi = torch.zeros(3, 4), torch.ones(3, 4)
+    run = apgd_box(objective, torch.full((3, 4), 0.5), lo, hi, torch.full((3, 4), 0.05), n_iter=6)
+    assert (len(with_grad), len(without)) == (6, 1)
+    assert torch.allclose(run.best, torch.full((3,), 4 * 0.8))  # 0.5 + 6 steps of 0.05 per coordinate
+    assert torch.allclose(run.x_best, torch.full((3, 4), 0.8))
