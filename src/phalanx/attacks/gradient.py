@@ -23,7 +23,7 @@ from phalanx.attacks.losses import (
     runner_up,
     targeted_loss,
 )
-from phalanx.attacks.projection import ascent_direction, project, random_start
+from phalanx.attacks.projection import ascent_direction, project, project_, random_start
 from phalanx.attacks.transforms import input_diversity, skip_gradient
 from phalanx.errors import PhalanxError
 from phalanx.types import Norm, ThreatModel
@@ -55,7 +55,7 @@ def ascend(objective: Objective, x: Tensor, start: Tensor, threat: ThreatModel, 
     and examples reported done are frozen entirely.
     """
     adv = start.detach()
-    g = torch.zeros_like(x)
+    g = torch.zeros_like(x) if momentum > 0 else x  # the momentum buffer, owned by this loop
     prev = adv
     for i in range(steps):
         adv.requires_grad_(True)
@@ -65,7 +65,9 @@ def ascend(objective: Objective, x: Tensor, start: Tensor, threat: ThreatModel, 
         if momentum > 0:
             if normalize_momentum:
                 grad = grad / _bview(grad.abs().flatten(1).sum(1).clamp_min(1e-12), grad)
-            g = momentum * g + grad
+            if momentum != 1:
+                g.mul_(momentum)
+            g.add_(grad)  # g <- momentum * g + grad, in place (same rounding as out of place)
             direction = ascent_direction(g, threat.norm)
         else:
             direction = ascent_direction(grad, threat.norm)
@@ -78,7 +80,12 @@ def ascend(objective: Objective, x: Tensor, start: Tensor, threat: ThreatModel, 
             continue
         if done is not None:
             direction = direction * _bview((~done).to(direction.dtype), direction)
-        adv = project(adv + size * direction, x, threat)
+        if threat.norm is Norm.LINF:
+            # direction is in {-1, 0, 1}, so size * direction is exact and the fused add (and the
+            # in-place projection of the fresh sum) round exactly as adv + size * direction would
+            adv = project_(torch.add(adv, direction, alpha=size), x, threat)
+        else:
+            adv = project(adv + size * direction, x, threat)
     return adv.detach()
 
 
@@ -187,14 +194,15 @@ class GradientAttack(Attack):
             raise PhalanxError(f"attack {self.name!r} is targeted: pass target labels")
         if threat.eps == 0:
             return x.clone()
+        if self.restarts == 1:
+            # one restart returns its point whether or not it succeeded: no checking forward pass
+            # and no best-iterate bookkeeping (the loop's last objective is that of the iterate
+            # before the final step)
+            return self._run(model, x, y, threat, generator, target)
         best = x.clone()
         found = torch.zeros(x.shape[0], dtype=torch.bool, device=x.device)
         for r in range(self.restarts):
             adv = self._run(model, x, y, threat, generator, target)
-            if self.restarts == 1:
-                # one restart returns its point whether or not it succeeded: no checking forward
-                # pass (the loop's last objective is that of the iterate before the final step)
-                return adv
             with torch.no_grad():
                 ok = self.success(model, adv, y, target)
             take = ok & ~found if r > 0 else torch.ones_like(ok)

@@ -107,13 +107,20 @@ def apgd_box(objective: Callable[[Tensor], tuple[Tensor, Tensor]], x_start: Tens
     increased in at most ``rho * k`` of the last ``k`` steps, or if the step was not reduced at
     the previous checkpoint and the best objective did not improve. Heavy-ball momentum
     ``alpha`` between the projected step and the previous point. ``stop_on_success`` ends the
-    run as soon as any example succeeds (restarts of one problem batched together).
+    run as soon as any example succeeds (restarts of one problem batched together). The final
+    iterate is evaluated without a backward pass: its value and success are used, its gradient
+    never is (``n_iter`` gradients and ``n_iter + 1`` objective values in all).
     """
     def grad_at(a: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         a = a.detach().requires_grad_(True)
         li, ok = objective(a)
         g, = torch.autograd.grad(li.sum(), a)
         return li.detach(), g.detach(), ok.detach()
+
+    def value_at(a: Tensor) -> tuple[Tensor, Tensor]:
+        with torch.no_grad():
+            li, ok = objective(a.detach())
+        return li, ok
 
     def clip(a: Tensor) -> Tensor:
         return torch.minimum(torch.maximum(a, lo), hi)
@@ -139,7 +146,11 @@ def apgd_box(objective: Callable[[Tensor], tuple[Tensor, Tensor]], x_start: Tens
             z = clip(x_adv + step * grad.sign())
             x_new = clip(x_adv + (z - x_adv) * a + (x_adv - x_old) * (1 - a))
             x_old, x_adv = x_adv, x_new
-        loss_cur, grad, ok = grad_at(x_adv)
+        last = i == n_iter - 1
+        if last:  # the final iterate's value and success count, its gradient is never used
+            loss_cur, ok = value_at(x_adv)
+        else:
+            loss_cur, grad, ok = grad_at(x_adv)
         with torch.no_grad():
             newly = ok & ~fooled
             x_best_adv[newly] = x_adv[newly]
@@ -147,7 +158,9 @@ def apgd_box(objective: Callable[[Tensor], tuple[Tensor, Tensor]], x_start: Tens
             increases += (loss_cur > loss_prev).to(increases.dtype)
             loss_prev = loss_cur
             better = loss_cur > loss_best
-            x_best[better], grad_best[better], loss_best[better] = x_adv[better], grad[better], loss_cur[better]
+            x_best[better], loss_best[better] = x_adv[better], loss_cur[better]
+            if not last:
+                grad_best[better] = grad[better]
             counter += 1
             if counter == k:
                 osc = increases <= k * rho

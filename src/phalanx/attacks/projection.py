@@ -27,6 +27,16 @@ def project(x_adv: Tensor, x: Tensor, threat: ThreatModel) -> Tensor:
     return (x + delta).clamp(lo, hi)
 
 
+def project_(x_adv: Tensor, x: Tensor, threat: ThreatModel) -> Tensor:
+    """:func:`project` for the L-inf ball, in place on ``x_adv`` (a fresh tensor the caller owns
+    and no graph needs): the same operations in the same order, so the same result to the bit,
+    without allocating the four intermediates. Other norms fall back to :func:`project`."""
+    if threat.norm is not Norm.LINF:
+        return project(x_adv, x, threat)
+    lo, hi = threat.bounds
+    return x_adv.sub_(x).clamp_(-threat.eps, threat.eps).add_(x).clamp_(lo, hi)
+
+
 def project_l1(delta: Tensor, eps: float) -> Tensor:
     """Euclidean projection of each row onto the L1 ball of radius ``eps`` (Duchi et al. 2008)."""
     flat = delta.flatten(1)
@@ -53,18 +63,17 @@ def random_start(x: Tensor, threat: ThreatModel, generator: torch.Generator | No
     uniform in the ball.
     """
     u = torch.rand(x.shape, generator=generator, dtype=x.dtype).to(x.device)
-    if threat.norm is Norm.LINF:
-        delta = (2 * u - 1) * threat.eps
-    else:
-        g = torch.randn(x.shape, generator=generator, dtype=x.dtype).to(x.device)
-        if threat.norm is Norm.L2:
-            direction = g / _flat_norm(g, 2.0).clamp_min(1e-12)
-        else:  # Laplace variates: sign * Exp(1), with Exp(1) = -log(U)
-            lap = torch.sign(g) * -torch.log(u.clamp_min(1e-12))
-            direction = lap / _flat_norm(lap, 1.0).clamp_min(1e-12)
-        d = x[0].numel()
-        r = torch.rand((x.shape[0],), generator=generator, dtype=x.dtype).to(x.device) ** (1.0 / d)
-        delta = direction * (threat.eps * r.view(-1, *([1] * (x.dim() - 1))))
+    if threat.norm is Norm.LINF:  # (2 u - 1) eps, x + delta, then the projection, all in place
+        return project_(u.mul_(2).sub_(1).mul_(threat.eps).add_(x), x, threat)
+    g = torch.randn(x.shape, generator=generator, dtype=x.dtype).to(x.device)
+    if threat.norm is Norm.L2:
+        direction = g / _flat_norm(g, 2.0).clamp_min(1e-12)
+    else:  # Laplace variates: sign * Exp(1), with Exp(1) = -log(U)
+        lap = torch.sign(g) * -torch.log(u.clamp_min(1e-12))
+        direction = lap / _flat_norm(lap, 1.0).clamp_min(1e-12)
+    d = x[0].numel()
+    r = torch.rand((x.shape[0],), generator=generator, dtype=x.dtype).to(x.device) ** (1.0 / d)
+    delta = direction * (threat.eps * r.view(-1, *([1] * (x.dim() - 1))))
     return project(x + delta, x, threat)
 
 
