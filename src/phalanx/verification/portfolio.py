@@ -1,5 +1,6 @@
 """The joint-attack verifier (SAT only) and the portfolio: an ordered, configurable list of
-stages (bounds, attack, member-wise proofs, a complete backend) sharing one time limit.
+stages (forward bounds, joint CROWN bounds, attack, member-wise proofs, a complete backend) sharing
+one time limit.
 
 The portfolio is never less sound than its parts: the attack can only answer SAT with a witness
 that re-checks in float64 PyTorch, the bounds only UNSAT from a sound over-approximation, and
@@ -14,7 +15,12 @@ proportion to their claims against the claims of the stages still to come (a cla
 stage). The complete backend claims 1 (it can decide anything); the member-wise stage claims the
 share of the joint problem's unstable ReLUs that the member proofs it still needs would branch on
 (0 when cached verdicts already settle whether it can help). New backends slot in with
-:data:`STAGES` (``STAGES.add("crown", factory)``, factory ``(**options) -> Stage``) and a
+**Order.** Stages run by cost per decision: the forward linear bounds' disjunct pass takes
+milliseconds and alone decides most easy queries (cached per member, point and eps across queries,
+it stops at the first member that settles the query), joint CROWN bounds decide more at a higher
+cost, the attack finds SAT, the member proofs and the complete backend solve.
+
+:data:`STAGES` (``STAGES.add("name", factory)``, factory ``(**options) -> Stage``) and a
 ``stages=("bounds", "crown", "attack", "members", "complete")`` list; :class:`VerifierStage`
 wraps any :class:`~phalanx.verification.backends.Verifier` as a stage.
 """
@@ -23,6 +29,7 @@ from __future__ import annotations
 
 import copy
 import time
+import weakref
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -32,7 +39,14 @@ import torch
 
 from phalanx.errors import PhalanxError
 from phalanx.registry import Registry
-from phalanx.verification.backends import BOUND_TOL, MilpVerifier, QueryBounds, Verifier, query_bounds
+from phalanx.verification.backends import (
+    BOUND_TOL,
+    BoundCache,
+    MilpVerifier,
+    QueryBounds,
+    Verifier,
+    query_bounds,
+)
 from phalanx.verification.query import Query, QueryKind, Verdict, VerificationResult, recheck
 
 
@@ -125,6 +139,10 @@ class AttackVerifier(Verifier):
 _MEMBER_CACHE: dict[tuple[str, str, float, int, tuple[float, float]], tuple[Verdict, float]] = {}
 
 
+#: the bounds stage's disjunct bounds per network, box and disjunct rows (``query_bounds``'s cache)
+_BOUND_CACHE: BoundCache = weakref.WeakKeyDictionary()
+
+
 #: member-stage outcomes in this process (runs that solved a member query, and of those, decided)
 _MEMBER_STATS = {"runs": 0, "decided": 0}
 
@@ -149,6 +167,18 @@ def _member_wise(query: Query) -> bool:
 def _members_needed(query: Query) -> int:
     """How many members must be proven robust alone before fewer than ``quorum`` can err."""
     return len(query.nets) - query.required + 1
+
+
+def _cached_members(query: Query) -> tuple[int, list[int]]:
+    """Members cached as robust, and those not cached as decided (still worth a proof)."""
+    robust, todo = 0, []
+    for i in range(len(query.nets)):
+        cached = _MEMBER_CACHE.get(_member_key(query, i))
+        if cached is not None and cached[0] is Verdict.UNSAT:
+            robust += 1
+        elif cached is None or not cached[0].decided:
+            todo.append(i)
+    return robust, todo
 
 
 def robust_members(query: Query, backend: Verifier, time_limit_s: float, *,
@@ -224,7 +254,9 @@ class Stage(Protocol):
     ``claim`` is what the stage has left to gain on this query: ``None`` for a cheap stage bounded
     by its own work (it gets all the time left), else a weight >= 0 against the later stages'
     claims (0 skips it). ``run`` returns a result; only a decided verdict (SAT with a re-checked
-    witness, or a sound UNSAT) ends the portfolio."""
+    witness, or a sound UNSAT) ends the portfolio. A stage may also have ``free(query) -> bool``:
+    True when it decides the query from cached work alone; after the first stage, such a stage
+    runs next, ahead of its place in the order."""
 
     name: str
 
@@ -246,7 +278,9 @@ class BoundsStage:
 
     def run(self, query: Query, state: StageState, time_limit_s: float) -> VerificationResult:
         t0 = time.perf_counter()
-        qb = query_bounds(query, self.method, per_network=False)  # per-network bounds only when needed
+        # the disjunct pass only (per-network bounds when a later stage needs them), cached per
+        # member across queries, stopping at the first member whose bounds settle the query
+        qb = query_bounds(query, self.method, per_network=False, stop_at_unsat=True, cache=_BOUND_CACHE)
         state.bounds, state.bounds_method = qb, self.method
         if qb.proves_unsat(query):
             return VerificationResult(Verdict.UNSAT, self.name, time.perf_counter() - t0,
@@ -295,15 +329,8 @@ class MembersStage:
         qb = state.network_bounds(query)
         unstable = [float(nb.num_unstable) for nb in qb.nets] if qb is not None else [1.0] * k
         weights = [u + 1.0 for u in unstable]  # + 1: the disjunction's own binary
-        robust = open_ = 0
-        todo = []
-        for i in range(k):
-            cached = _MEMBER_CACHE.get(_member_key(query, i))
-            if cached is not None and cached[0] is Verdict.UNSAT:
-                robust += 1
-            elif cached is None or not cached[0].decided:
-                open_ += 1
-                todo.append(i)
+        robust, todo = _cached_members(query)
+        open_ = len(todo)
         still = _members_needed(query) - robust
         if still <= 0:
             return list(range(k)), weights, 1.0  # settled by the cache: costs nothing
@@ -319,6 +346,10 @@ class MembersStage:
 
     def claim(self, query: Query, state: StageState) -> float | None:
         return self._plan(query, state)[2]
+
+    def free(self, query: Query) -> bool:
+        """Cached member verdicts alone settle the query (it then costs a cache look-up)."""
+        return _member_wise(query) and _cached_members(query)[0] >= _members_needed(query)
 
     def run(self, query: Query, state: StageState, time_limit_s: float) -> VerificationResult:
         t0 = time.perf_counter()
@@ -341,8 +372,11 @@ class MembersStage:
 
 #: portfolio stages: name -> factory(portfolio options) -> Stage; "complete" is the complete backend
 STAGES: Registry[Callable[..., Stage]] = Registry("portfolio stage")
-#: the default order: cheap sound bounds, then the attack (SAT), then member-wise proofs, then MILP
-DEFAULT_STAGES = ("bounds", "attack", "members", "complete")
+#: the portfolio's ``bounds``: forward linear then joint CROWN, forward linear only, interval only
+BOUND_METHODS = ("crown", "linear", "interval")
+#: the default order, by cost per decision: forward bounds (milliseconds, decide most easy
+#: queries), joint CROWN bounds, the attack (SAT), member-wise proofs, the complete backend
+DEFAULT_STAGES = ("bounds", "crown", "attack", "members", "complete")
 
 
 @dataclass(frozen=True)
@@ -363,16 +397,22 @@ def _complete_backend(o: PortfolioOptions) -> Verifier:
 
 
 def _bounds_stage(o: PortfolioOptions) -> Stage:
-    """``crown``: joint back-substituted bounds over all members (bab.py), as a cheap stage;
-    ``linear`` / ``interval``: per-member forward bounds, shared with the MILP (backends.py)."""
-    if o.bounds == "crown":
-        from phalanx.verification import create_verifier
-
-        return VerifierStage(create_verifier("crown"), claim=None)
-    return BoundsStage(o.bounds)
+    """Per-member forward bounds, their disjunct pass only (backends.py; shared with the MILP):
+    ``linear`` (also the first, cheapest pass of ``bounds="crown"``) or ``interval``."""
+    return BoundsStage("interval" if o.bounds == "interval" else "linear")
 
 
-STAGES.add("bounds", _bounds_stage, "sound bounds (crown, or linear / interval): cheap UNSAT (polynomial time)")
+def _crown_stage(o: PortfolioOptions) -> Stage:
+    """Joint back-substituted (alpha-)CROWN bounds over all members (bab.py) as a cheap stage
+    (in the default list only with ``bounds="crown"``)."""
+    from phalanx.verification import create_verifier
+
+    return VerifierStage(create_verifier("crown"), claim=None)
+
+
+STAGES.add("bounds", _bounds_stage, "forward linear (or interval) bounds, disjunct pass only: the cheapest UNSAT "
+           "(milliseconds)")
+STAGES.add("crown", _crown_stage, "joint (alpha-)CROWN bounds over all members: UNSAT where forward bounds fail")
 STAGES.add("attack", lambda o: VerifierStage(AttackVerifier(o.attacks, steps=o.steps), claim=None),
            "falsification (APGD on the property margin, restarts, in the box): SAT with a re-checked witness")
 STAGES.add("members", lambda o: MembersStage(create_verifier_for_members(o)),
@@ -390,6 +430,12 @@ def create_verifier_for_members(o: PortfolioOptions) -> Verifier:
     return create_verifier("milp", **same_threads) if o.complete in ("milp", "smt") else _complete_backend(o)
 
 
+def _free(stage: Stage, query: Query) -> bool:
+    """Whether a stage says it decides ``query`` from cached work alone (optional ``free``)."""
+    free = getattr(stage, "free", None)
+    return bool(free(query)) if free is not None else False
+
+
 class Portfolio(Verifier):
     """An ordered list of stages sharing one time limit (module docstring): by default cheap UNSAT
     by linear bounds, cheap SAT by a joint attack, UNSAT by member-wise robustness proofs
@@ -403,10 +449,12 @@ class Portfolio(Verifier):
     def __init__(self, complete: str = "bab", attacks: Sequence[str] | None = None, steps: int = 50,
                  bounds: str = "crown", member_proofs: bool = True,
                  stages: Sequence[str | Stage] | None = None, **complete_options: object) -> None:
+        if bounds not in BOUND_METHODS:
+            raise PhalanxError(f"unknown portfolio bounds {bounds!r}; accepted: {', '.join(BOUND_METHODS)}")
         opts = PortfolioOptions(complete, tuple(attacks) if attacks is not None else None, steps, bounds,
                                 dict(complete_options))
         names: Sequence[str | Stage] = stages if stages is not None else [
-            s for s in DEFAULT_STAGES if member_proofs or s != "members"]
+            s for s in DEFAULT_STAGES if (member_proofs or s != "members") and (bounds == "crown" or s != "crown")]
         if not names:
             raise PhalanxError("a portfolio needs at least one stage; accepted: " + ", ".join(STAGES.names()))
         self.stages: list[Stage] = [STAGES.get(s)(opts) if isinstance(s, str) else s for s in names]
@@ -416,7 +464,10 @@ class Portfolio(Verifier):
         t0 = time.perf_counter()
         state = StageState()
         last: VerificationResult | None = None
-        for k, stage in enumerate(self.stages):
+        pending = list(self.stages)
+        while pending:
+            # after the first stage, one that decides from cached work (``free``) jumps the queue
+            stage = pending.pop(next((i for i, s in enumerate(pending) if state.times and _free(s, query)), 0))
             left = time_limit_s - (time.perf_counter() - t0)
             claim = stage.claim(query, state)
             if claim is not None and claim <= 0:
@@ -424,7 +475,7 @@ class Portfolio(Verifier):
             if left <= 0:
                 break
             if claim is not None:
-                later = [c for c in (s.claim(query, state) for s in self.stages[k + 1:]) if c is not None and c > 0]
+                later = [c for c in (s.claim(query, state) for s in pending) if c is not None and c > 0]
                 left = left * claim / (claim + sum(later))
             last = stage.run(query, state, left)
             state.times[stage.name] = round(last.wall_time_s, 6)
