@@ -309,14 +309,15 @@ def test_ensemble_kind_names_the_way_for_every_combiner() -> None:
 
 
 def test_portfolio_runs_cheap_bounds_before_the_attack(pair_queries, milp_results) -> None:
-    """The default order is forward bounds, joint CROWN, attack, members, complete (CROWN only
-    with ``bounds="crown"``); a query the bounds decide never runs the attack, and the complete
+    """The default order is forward bounds, joint CROWN, attack, members, the exact MILP, the
+    complete backend (CROWN only with ``bounds="crown"``, the exact MILP only when the complete
+    backend is not the MILP); a query the bounds decide never runs the attack, and the complete
     MILP reuses the bounds stage's bounds."""
     from phalanx.verification.portfolio import DEFAULT_STAGES, STAGES, Portfolio
 
-    assert DEFAULT_STAGES == ("bounds", "crown", "attack", "members", "complete")
+    assert DEFAULT_STAGES == ("bounds", "crown", "attack", "members", "exact", "complete")
     assert set(DEFAULT_STAGES) <= set(STAGES.names())
-    assert [s.name for s in Portfolio().stages] == ["bounds", "crown", "attack", "members", "bab"]  # the defaults
+    assert [s.name for s in Portfolio().stages] == ["bounds", "crown", "attack", "members", "exact", "bab"]
     p = Portfolio(complete="milp", bounds="linear")
     assert [s.name for s in p.stages] == ["bounds", "attack", "members", "milp"]
     by_bounds = 0
@@ -477,7 +478,14 @@ def test_stage_settled_by_cached_work_jumps_the_queue(pair_queries) -> None:
     """After the first stage, a stage that decides from cached work alone (member verdicts cached
     by earlier pairs) runs before the costlier stages ahead of it; without the cache the order
     is kept."""
-    from phalanx.verification.portfolio import _MEMBER_CACHE, BoundsStage, MembersStage, Portfolio, StageState, _member_key
+    from phalanx.verification.portfolio import (
+        _MEMBER_CACHE,
+        BoundsStage,
+        MembersStage,
+        Portfolio,
+        StageState,
+        _member_key,
+    )
 
     q = next(q for q in pair_queries if BoundsStage().run(q, StageState(), 10).verdict is Verdict.TIMEOUT)
     attack, complete = _Recorder("attack", None), _Recorder("complete", 1.0)
@@ -497,3 +505,32 @@ def test_stage_settled_by_cached_work_jumps_the_queue(pair_queries) -> None:
         assert list(r.details["stages"]) == ["bounds", "attack", "members", "complete"]
     finally:
         _MEMBER_CACHE.clear()
+
+
+def test_complete_stage_claims_its_decision_rate(pair_queries) -> None:
+    """A stage claiming ``"rate"`` claims how often it decided the queries that reached it (Laplace
+    estimate), so a complete stage that keeps failing after the exact MILP leaves the MILP more of
+    the time: 1/2 before evidence (the MILP gets 2/3), 1/5 after three failures (5/6)."""
+    from phalanx.verification.portfolio import _STAGE_STATS, Portfolio, StageState, VerifierStage, decision_rate
+
+    class Never(MilpVerifier):
+        name = "never"
+
+        def verify(self, query, *, time_limit_s):
+            return self._result(Verdict.TIMEOUT, 0.0, message="pretend")
+
+    _STAGE_STATS.pop("never", None)
+    q = pair_queries[0]
+    late = VerifierStage(Never(), claim="rate")
+    assert late.claim(q, StageState()) == decision_rate("never") == 0.5
+    exact = _Recorder("exact-recorder", 1.0)
+    Portfolio(stages=[exact, late]).verify(q, time_limit_s=6.0)
+    assert exact.limits[0] == pytest.approx(4.0, abs=0.05)
+    for _ in range(2):
+        Portfolio(stages=[exact, late]).verify(q, time_limit_s=6.0)
+    assert _STAGE_STATS["never"] == [3, 0] and decision_rate("never") == pytest.approx(0.2)
+    Portfolio(stages=[exact, late]).verify(q, time_limit_s=6.0)
+    assert exact.limits[-1] == pytest.approx(5.0, abs=0.05)
+    with pytest.raises(PhalanxError, match="unknown stage claim 'often'"):
+        VerifierStage(Never(), claim="often")
+    _STAGE_STATS.pop("never", None)

@@ -1,6 +1,6 @@
 """The joint-attack verifier (SAT only) and the portfolio: an ordered, configurable list of
-stages (forward bounds, joint CROWN bounds, attack, member-wise proofs, a complete backend) sharing
-one time limit.
+stages (forward bounds, joint CROWN bounds, attack, member-wise proofs, the exact MILP, a complete
+backend) sharing one time limit.
 
 The portfolio is never less sound than its parts: the attack can only answer SAT with a witness
 that re-checks in float64 PyTorch, the bounds only UNSAT from a sound over-approximation, and
@@ -18,7 +18,13 @@ share of the joint problem's unstable ReLUs that the member proofs it still need
 **Order.** Stages run by cost per decision: the forward linear bounds' disjunct pass takes
 milliseconds and alone decides most easy queries (cached per member, point and eps across queries,
 it stops at the first member that settles the query), joint CROWN bounds decide more at a higher
-cost, the attack finds SAT, the member proofs and the complete backend solve.
+cost, the attack finds SAT, the member proofs, the exact MILP on the joint query (with the
+bounds found so far; only when the complete backend is not the MILP) and the complete backend
+solve. After the first stage, a stage that decides from cached work (``free``: member verdicts
+cached by earlier pairs) runs next. The exact MILP claims 1 and the complete backend claims its
+decision rate on the queries that reached it so far (:func:`decision_rate`), so where branch and
+bound keeps failing after the MILP the MILP gets nearly all the time: a query the MILP alone
+solves within the limit is not lost to a fixed split.
 
 :data:`STAGES` (``STAGES.add("name", factory)``, factory ``(**options) -> Stage``) and a
 ``stages=("bounds", "crown", "attack", "members", "complete")`` list; :class:`VerifierStage`
@@ -290,16 +296,30 @@ class BoundsStage:
                                   message="bounds inconclusive (incomplete method)")
 
 
-class VerifierStage:
-    """Any :class:`Verifier` as a stage, with a fixed claim (``None``: cheap, gets the time left).
-    A :class:`MilpVerifier` reuses the bounds stage's bounds when they were computed alike."""
+#: stage outcomes in this process, by stage name: [runs, decided]
+_STAGE_STATS: dict[str, list[int]] = {}
 
-    def __init__(self, verifier: Verifier, claim: float | None = 1.0, name: str | None = None) -> None:
+
+def decision_rate(name: str) -> float:
+    """How often the stage ``name`` has decided the queries that reached it in this process
+    (Laplace estimate: 1/2 before any evidence)."""
+    runs, decided = _STAGE_STATS.get(name, (0, 0))
+    return (decided + 1) / (runs + 2)
+
+
+class VerifierStage:
+    """Any :class:`Verifier` as a stage, with a fixed claim (``None``: cheap, gets the time left)
+    or ``"rate"``: its :func:`decision_rate` so far. A :class:`MilpVerifier` reuses the bounds
+    stage's bounds when they were computed alike."""
+
+    def __init__(self, verifier: Verifier, claim: float | str | None = 1.0, name: str | None = None) -> None:
+        if isinstance(claim, str) and claim != "rate":
+            raise PhalanxError(f"unknown stage claim {claim!r}; accepted: a number >= 0, None or 'rate'")
         self.verifier, self._claim = verifier, claim
         self.name = name or verifier.name
 
     def claim(self, query: Query, state: StageState) -> float | None:
-        return self._claim
+        return decision_rate(self.name) if self._claim == "rate" else self._claim  # type: ignore[return-value]
 
     def run(self, query: Query, state: StageState, time_limit_s: float) -> VerificationResult:
         v = self.verifier
@@ -376,7 +396,7 @@ STAGES: Registry[Callable[..., Stage]] = Registry("portfolio stage")
 BOUND_METHODS = ("crown", "linear", "interval")
 #: the default order, by cost per decision: forward bounds (milliseconds, decide most easy
 #: queries), joint CROWN bounds, the attack (SAT), member-wise proofs, the complete backend
-DEFAULT_STAGES = ("bounds", "crown", "attack", "members", "complete")
+DEFAULT_STAGES = ("bounds", "crown", "attack", "members", "exact", "complete")
 
 
 @dataclass(frozen=True)
@@ -417,17 +437,24 @@ STAGES.add("attack", lambda o: VerifierStage(AttackVerifier(o.attacks, steps=o.s
            "falsification (APGD on the property margin, restarts, in the box): SAT with a re-checked witness")
 STAGES.add("members", lambda o: MembersStage(create_verifier_for_members(o)),
            "member-wise robustness proofs (cached across queries): sound UNSAT")
-STAGES.add("complete", lambda o: VerifierStage(_complete_backend(o), claim=1.0),
-           "the complete backend on the joint query (milp by default)")
+STAGES.add("exact", lambda o: VerifierStage(_member_milp(o), claim=1.0, name="exact"),
+           "the exact MILP on the joint query with the bounds found so far (in the default list unless "
+           "complete='milp')")
+STAGES.add("complete", lambda o: VerifierStage(_complete_backend(o), claim="rate"),
+           "the complete backend on the joint query (bab by default); claims its decision rate so far")
+
+
+def _member_milp(o: PortfolioOptions) -> Verifier:
+    """The MILP backend with the complete backend's thread count."""
+    from phalanx.verification import create_verifier
+
+    return create_verifier("milp", **{k: v for k, v in o.complete_options.items() if k == "threads"})
 
 
 def create_verifier_for_members(o: PortfolioOptions) -> Verifier:
     """The single-network backend of the member stage: MILP (with the complete backend's thread
     count) for milp/smt, else the complete one."""
-    from phalanx.verification import create_verifier
-
-    same_threads = {k: v for k, v in o.complete_options.items() if k == "threads"}
-    return create_verifier("milp", **same_threads) if o.complete in ("milp", "smt") else _complete_backend(o)
+    return _member_milp(o) if o.complete in ("milp", "smt") else _complete_backend(o)
 
 
 def _free(stage: Stage, query: Query) -> bool:
@@ -454,7 +481,8 @@ class Portfolio(Verifier):
         opts = PortfolioOptions(complete, tuple(attacks) if attacks is not None else None, steps, bounds,
                                 dict(complete_options))
         names: Sequence[str | Stage] = stages if stages is not None else [
-            s for s in DEFAULT_STAGES if (member_proofs or s != "members") and (bounds == "crown" or s != "crown")]
+            s for s in DEFAULT_STAGES if (member_proofs or s != "members") and (bounds == "crown" or s != "crown")
+            and (complete != "milp" or s != "exact")]
         if not names:
             raise PhalanxError("a portfolio needs at least one stage; accepted: " + ", ".join(STAGES.names()))
         self.stages: list[Stage] = [STAGES.get(s)(opts) if isinstance(s, str) else s for s in names]
@@ -479,6 +507,9 @@ class Portfolio(Verifier):
                 left = left * claim / (claim + sum(later))
             last = stage.run(query, state, left)
             state.times[stage.name] = round(last.wall_time_s, 6)
+            stats = _STAGE_STATS.setdefault(stage.name, [0, 0])
+            stats[0] += 1
+            stats[1] += last.verdict.decided
             if last.verdict.decided:
                 return self._finish(last, t0, stage.name, state.times)
         if last is not None and last.verdict is Verdict.ERROR:  # e.g. the complete backend's exact tie
