@@ -275,9 +275,9 @@ def width_sweep(args: argparse.Namespace, data: Any) -> dict[str, Any]:
                         "total_s": sum(times), "verdicts": {v: verdicts.count(v) for v in sorted(set(verdicts))},
                         "decided_by": stages}
         out["widths"][str(width)] = entry
-        rows.append([f"784-{width}-10", f"{n}/{len(specs)}", f"{entry['milp']['mean_s']:.3f}",
-                     f"{entry['portfolio']['mean_s']:.3f}", f"{entry['milp']['median_s']:.3f}",
-                     f"{entry['portfolio']['median_s']:.3f}",
+        rows.append([f"784-{width}-10", f"{n}/{len(specs)}", f"{entry['milp']['mean_s']:.4g}",
+                     f"{entry['portfolio']['mean_s']:.4g}", f"{entry['milp']['median_s']:.4g}",
+                     f"{entry['portfolio']['median_s']:.4g}",
                      " ".join(f"{k}:{v}" for k, v in entry["milp"]["verdicts"].items()),
                      " ".join(f"{k}:{v}" for k, v in entry["portfolio"]["verdicts"].items()),
                      " ".join(f"{k.split('/')[-1]}:{v}" for k, v in entry["portfolio"]["decided_by"].items()),
