@@ -75,7 +75,7 @@ def test_portfolio_agrees_with_milp(pair_queries, milp_results) -> None:
         stages.add(r.details["stage"])
         if r.verdict is Verdict.SAT:
             _check_sat(q, r)
-    assert "crown" in stages and "attack" in stages  # the bounds stage is the joint crown verifier
+    assert "bounds" in stages and "attack" in stages  # the cheapest bounds decide first
 
 
 def test_heuristic_options_change_only_the_search(pair_queries, milp_results) -> None:
@@ -309,13 +309,15 @@ def test_ensemble_kind_names_the_way_for_every_combiner() -> None:
 
 
 def test_portfolio_runs_cheap_bounds_before_the_attack(pair_queries, milp_results) -> None:
-    """The default order is bounds, attack, members, complete; a query the bounds decide never
-    runs the attack, and the complete MILP reuses the bounds stage's bounds."""
+    """The default order is forward bounds, joint CROWN, attack, members, the exact MILP, the
+    complete backend (CROWN only with ``bounds="crown"``, the exact MILP only when the complete
+    backend is not the MILP); a query the bounds decide never runs the attack, and the complete
+    MILP reuses the bounds stage's bounds."""
     from phalanx.verification.portfolio import DEFAULT_STAGES, STAGES, Portfolio
 
-    assert DEFAULT_STAGES == ("bounds", "attack", "members", "complete")
+    assert DEFAULT_STAGES == ("bounds", "crown", "attack", "members", "exact", "complete")
     assert set(DEFAULT_STAGES) <= set(STAGES.names())
-    assert [s.name for s in Portfolio().stages] == ["crown", "attack", "members", "bab"]  # the defaults
+    assert [s.name for s in Portfolio().stages] == ["bounds", "crown", "attack", "members", "exact", "bab"]
     p = Portfolio(complete="milp", bounds="linear")
     assert [s.name for s in p.stages] == ["bounds", "attack", "members", "milp"]
     by_bounds = 0
@@ -328,8 +330,10 @@ def test_portfolio_runs_cheap_bounds_before_the_attack(pair_queries, milp_result
     assert by_bounds > 0
     assert [s.name for s in Portfolio(complete="milp", bounds="linear", member_proofs=False).stages] == [
         "bounds", "attack", "milp"]
-    with pytest.raises(PhalanxError, match="unknown portfolio stage 'crown'"):
-        Portfolio(stages=["bounds", "crown"])
+    with pytest.raises(PhalanxError, match="unknown portfolio stage 'joint'"):
+        Portfolio(stages=["bounds", "joint"])
+    with pytest.raises(PhalanxError, match="unknown portfolio bounds 'deeppoly'; accepted: crown, linear, interval"):
+        Portfolio(bounds="deeppoly")
 
 
 class _Recorder:
@@ -411,6 +415,49 @@ def test_disjunct_bounds_alone_are_the_full_bounds_disjuncts(pair_queries) -> No
             np.testing.assert_array_equal(a.output[1], b.output[1])
 
 
+def test_bounds_stop_at_unsat_and_cache_are_exact(pair_queries, monkeypatch) -> None:
+    """Stopping at the first member whose bounds settle the query proves UNSAT exactly when the
+    full pass does, with the bounded members' disjuncts unchanged and the others left at
+    (-inf, inf); a query it cannot settle gets the full bounds. Cached bounds are the same
+    numbers, computed once per member, point and eps (a pair sharing a member reuses them)."""
+    import weakref
+
+    from phalanx.verification import backends, query_bounds
+    from phalanx.verification.query import make_query
+
+    stopped = 0
+    for q in pair_queries:
+        full = query_bounds(q, per_network=False)
+        part = query_bounds(q, per_network=False, stop_at_unsat=True)
+        assert part.proves_unsat(q) == full.proves_unsat(q)
+        for a, b in zip(full.disjunct_upper + full.disjunct_lower, part.disjunct_upper + part.disjunct_lower,
+                        strict=True):
+            assert np.all((a == b) | np.isinf(b))
+        if any(np.isinf(u).any() for u in part.disjunct_upper):
+            stopped += 1
+            assert part.proves_unsat(q)
+    assert stopped > 0  # the fixture has pairs whose first member alone settles them
+
+    calls = []
+    real = backends.linear_bounds
+    monkeypatch.setattr(backends, "linear_bounds", lambda *a, **k: calls.append(1) or real(*a, **k))
+    cache: backends.BoundCache = weakref.WeakKeyDictionary()
+    q = pair_queries[0]
+    first = query_bounds(q, per_network=False, cache=cache)
+    assert len(calls) == 2 and len(cache) == 2
+    again = query_bounds(q, per_network=False, cache=cache)
+    assert len(calls) == 2  # both members from the cache
+    other = make_query(list(q.models)[::-1], q.x0, q.eps, q.label, nets=list(q.nets)[::-1])
+    swapped = query_bounds(other, per_network=False, cache=cache)
+    assert len(calls) == 2  # the same members in another pair: still cached
+    for a, b in zip(first.disjunct_upper, again.disjunct_upper, strict=True):
+        np.testing.assert_array_equal(a, b)
+    np.testing.assert_array_equal(swapped.disjunct_upper[0], first.disjunct_upper[1])
+    wider = make_query(list(q.models), q.x0, q.eps * 2, q.label, nets=list(q.nets))
+    query_bounds(wider, per_network=False, cache=cache)
+    assert len(calls) == 4  # another box: computed afresh
+
+
 def test_member_queries_reuse_the_joint_bounds(pair_queries) -> None:
     """A member's single-network query has the joint query's group of that member as its only
     group, so its bounds are the joint bounds' network and group: reusing them is exact."""
@@ -425,3 +472,65 @@ def test_member_queries_reuse_the_joint_bounds(pair_queries) -> None:
             np.testing.assert_allclose(own.disjunct_upper[0], joint.disjunct_upper[i], rtol=0, atol=1e-12)
             np.testing.assert_allclose(own.disjunct_lower[0], joint.disjunct_lower[i], rtol=0, atol=1e-12)
             np.testing.assert_array_equal(own.nets[0].output[1], joint.nets[i].output[1])
+
+
+def test_stage_settled_by_cached_work_jumps_the_queue(pair_queries) -> None:
+    """After the first stage, a stage that decides from cached work alone (member verdicts cached
+    by earlier pairs) runs before the costlier stages ahead of it; without the cache the order
+    is kept."""
+    from phalanx.verification.portfolio import (
+        _MEMBER_CACHE,
+        BoundsStage,
+        MembersStage,
+        Portfolio,
+        StageState,
+        _member_key,
+    )
+
+    q = next(q for q in pair_queries if BoundsStage().run(q, StageState(), 10).verdict is Verdict.TIMEOUT)
+    attack, complete = _Recorder("attack", None), _Recorder("complete", 1.0)
+    members = MembersStage(MilpVerifier())
+    _MEMBER_CACHE.clear()
+    try:
+        _MEMBER_CACHE[_member_key(q, 1)] = (Verdict.UNSAT, 5.0)  # as if an earlier pair had proven it
+        assert members.free(q)
+        r = Portfolio(stages=[BoundsStage(), attack, members, complete]).verify(q, time_limit_s=10.0)
+        assert r.verdict is Verdict.UNSAT and r.details["stage"] == "members"
+        assert list(r.details["stages"]) == ["bounds", "members"] and attack.limits == []
+        _MEMBER_CACHE.clear()
+        assert not members.free(q)
+        stub = MembersStage(type("Undecided", (MilpVerifier,), {"verify_with_bounds": lambda self, query, qb, *,
+                                time_limit_s: self._result(Verdict.TIMEOUT, 0.0, message="pretend")})())
+        r = Portfolio(stages=[BoundsStage(), attack, stub, complete]).verify(q, time_limit_s=10.0)
+        assert list(r.details["stages"]) == ["bounds", "attack", "members", "complete"]
+    finally:
+        _MEMBER_CACHE.clear()
+
+
+def test_complete_stage_claims_its_decision_rate(pair_queries) -> None:
+    """A stage claiming ``"rate"`` claims how often it decided the queries that reached it (Laplace
+    estimate), so a complete stage that keeps failing after the exact MILP leaves the MILP more of
+    the time: 1/2 before evidence (the MILP gets 2/3), 1/5 after three failures (5/6)."""
+    from phalanx.verification.portfolio import _STAGE_STATS, Portfolio, StageState, VerifierStage, decision_rate
+
+    class Never(MilpVerifier):
+        name = "never"
+
+        def verify(self, query, *, time_limit_s):
+            return self._result(Verdict.TIMEOUT, 0.0, message="pretend")
+
+    _STAGE_STATS.pop("never", None)
+    q = pair_queries[0]
+    late = VerifierStage(Never(), claim="rate")
+    assert late.claim(q, StageState()) == decision_rate("never") == 0.5
+    exact = _Recorder("exact-recorder", 1.0)
+    Portfolio(stages=[exact, late]).verify(q, time_limit_s=6.0)
+    assert exact.limits[0] == pytest.approx(4.0, abs=0.05)
+    for _ in range(2):
+        Portfolio(stages=[exact, late]).verify(q, time_limit_s=6.0)
+    assert _STAGE_STATS["never"] == [3, 0] and decision_rate("never") == pytest.approx(0.2)
+    Portfolio(stages=[exact, late]).verify(q, time_limit_s=6.0)
+    assert exact.limits[-1] == pytest.approx(5.0, abs=0.05)
+    with pytest.raises(PhalanxError, match="unknown stage claim 'often'"):
+        VerifierStage(Never(), claim="often")
+    _STAGE_STATS.pop("never", None)

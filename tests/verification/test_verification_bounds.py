@@ -68,3 +68,27 @@ def test_stable_neurons_are_counted() -> None:
     x = np.random.default_rng(1).random(ir.in_dim)
     assert linear_bounds(ir, x, x).num_unstable == 0  # a point: every neuron is stable
     assert isinstance(ir.ops[0], Affine)
+
+
+@pytest.mark.parametrize("arch", sorted(ARCHS))
+def test_composed_leading_affine_ops_equal_identity_forms(arch: str) -> None:
+    """The linear pass composes the leading affine ops (normalisation, first layer) instead of
+    pushing identity forms through them: the same bounds as the walk from identity forms."""
+    from phalanx.verification.bounds import _State, _Walker
+
+    ir = to_ir(ARCHS[arch](1))
+    rng = np.random.default_rng(3)
+    lo, hi = ball(rng.random(ir.in_dim), 0.05)
+    spec = rng.normal(size=(3, ir.out_dim))
+    for c in (None, spec):
+        got = linear_bounds(ir, lo, hi, spec=c)
+        w = _Walker(lo, hi, True)
+        n = ir.in_dim
+        s = _State(lo.copy(), hi.copy(), np.eye(n), np.zeros(n), np.eye(n), np.zeros(n))
+        ops = ir.ops if c is None else (*ir.ops[:-1], Affine(c @ ir.ops[-1].weight, c @ ir.ops[-1].bias))
+        ref = w.run(ops, s)
+        np.testing.assert_allclose(got.output[0], ref.lo, rtol=1e-12, atol=1e-12)
+        np.testing.assert_allclose(got.output[1], ref.hi, rtol=1e-12, atol=1e-12)
+        for (a, b), (p, q) in zip(got.pre, w.pre, strict=True):
+            np.testing.assert_allclose(a, p, rtol=1e-12, atol=1e-12)
+            np.testing.assert_allclose(b, q, rtol=1e-12, atol=1e-12)

@@ -73,7 +73,7 @@ BACKENDS.add("marabou", _marabou, "Marabou 2.0, one process per query; pip insta
 BACKENDS.add("attack", _attack, "incomplete: joint gradient attack (G.A. 3 / PGD), SAT only")
 BACKENDS.add("crown", _crown, "incomplete: joint back-substituted (alpha-)CROWN bounds over all members, UNSAT only")
 BACKENDS.add("bab", _bab, "complete: branch and bound over ReLU splits with joint CROWN bounds, MILP at the leaves")
-BACKENDS.add("portfolio", _portfolio, "attack, then joint CROWN bounds, then a complete backend (default bab)")
+BACKENDS.add("portfolio", _portfolio, "forward and joint CROWN bounds, attack, member proofs, then a complete backend (default bab)")
 
 
 def create_verifier(name: str, **options: object) -> Verifier:

@@ -7,8 +7,10 @@ a proof: bounds, an infeasible MILP, or a complete solver's UNSAT (``DESIGN.md``
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import time
+import weakref
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 
@@ -16,7 +18,7 @@ import numpy as np
 
 from phalanx.errors import PhalanxError
 from phalanx.verification.bounds import NetworkBounds, interval_bounds, linear_bounds
-from phalanx.verification.ir import stack_outputs
+from phalanx.verification.ir import NetworkIR, stack_outputs
 from phalanx.verification.milp import MilpModel, check_threads, encode_network
 from phalanx.verification.query import MARGIN, Query, Verdict, VerificationResult, recheck
 
@@ -75,14 +77,27 @@ class QueryBounds:
         return query.complete and self.possible_groups() < query.required
 
 
+#: disjunct bounds of one network, per bound cache: ``{network IR: {(method, box, rows) key: (upper, lower)}}``
+#: (weakly keyed: an IR is an immutable snapshot of a member's weights, freed with it)
+BoundCache = weakref.WeakKeyDictionary[NetworkIR, dict[str, tuple[np.ndarray, np.ndarray]]]
+
+
 def query_bounds(query: Query, method: str = "linear", *, per_network: bool = True,
-                 disjuncts: QueryBounds | None = None) -> QueryBounds:
+                 disjuncts: QueryBounds | None = None, stop_at_unsat: bool = False,
+                 cache: BoundCache | None = None) -> QueryBounds:
     """Bounds of every network on the query's box and of every disjunct (``linear`` or ``interval``).
 
     The disjunct bounds (one pass per network with the disjuncts folded into its last layer) are
     all that :meth:`QueryBounds.proves_unsat` needs; ``per_network=False`` skips the second pass
     per network (pre-activation and logit bounds, needed by the MILP encoding), leaving ``nets``
-    empty, and ``disjuncts`` reuses the disjunct bounds of such an earlier call."""
+    empty, and ``disjuncts`` reuses the disjunct bounds of such an earlier call.
+
+    ``stop_at_unsat``: networks are bounded one at a time (those in ``cache`` first), stopping as
+    soon as the finished groups prove UNSAT (e.g. the first member of a mutual-error pair is robust
+    by its bounds); the disjuncts of the networks not bounded are then left at ``(-inf, inf)``
+    (sound, and only returned when :meth:`QueryBounds.proves_unsat` holds). ``cache``: one
+    network's disjunct bounds on a box are a pure function of (network, box, rows), so a query
+    sharing a member, point and eps with an earlier one (all pairs of an ensemble) reuses them."""
     fn = {"linear": linear_bounds, "interval": interval_bounds}.get(method)
     if fn is None:
         raise PhalanxError(f"unknown bound method {method!r}; accepted: linear, interval")
@@ -93,20 +108,44 @@ def query_bounds(query: Query, method: str = "linear", *, per_network: bool = Tr
     groups = query.groups()
     _, slices = stack_outputs(query.nets)
     allc = np.concatenate([np.stack(g) for g in groups])  # (D, total)
+    group_of = np.repeat(np.arange(len(groups)), [len(g) for g in groups])
     up, low = np.zeros(allc.shape[0]), np.zeros(allc.shape[0])
-    for net, s in zip(query.nets, slices, strict=True):
-        spec = allc[:, s]
+    todo = np.zeros(allc.shape[0], dtype=np.int64)  # networks still to bound, per row
+    jobs = []
+    box = hashlib.sha1(lo.tobytes() + hi.tobytes()).hexdigest() if cache is not None else ""
+    for net, sl in zip(query.nets, slices, strict=True):
+        spec = allc[:, sl]
         rows = np.nonzero(np.any(spec != 0.0, axis=1))[0]
         if rows.size:
-            sb = fn(net, lo, hi, spec=spec[rows])
-            up[rows] += sb.output[1]
-            low[rows] += sb.output[0]
+            todo[rows] += 1
+            key = f"{method}:{box}:{hashlib.sha1(spec[rows].tobytes()).hexdigest()}" if cache is not None else ""
+            hit = cache.get(net, {}).get(key) if cache is not None else None
+            jobs.append((hit is None, net, spec[rows], rows, key, hit))
+    jobs.sort(key=lambda j: j[0])  # cached networks first: free, and they may settle the query alone
+    for _, net, spec, rows, key, hit in jobs:
+        if hit is None:
+            sb = fn(net, lo, hi, spec=spec).output
+            hit = (sb[1], sb[0])
+            if cache is not None:
+                cache.setdefault(net, {})[key] = hit
+        up[rows] += hit[0]
+        low[rows] += hit[1]
+        todo[rows] -= 1
+        if stop_at_unsat and query.complete and np.any(todo > 0) and _refuted(up, todo, group_of) > len(groups) - query.required:
+            up[todo > 0], low[todo > 0] = np.inf, -np.inf
+            break
     ups, lows, k = [], [], 0
     for g in groups:
         ups.append(up[k:k + len(g)])
         lows.append(low[k:k + len(g)])
         k += len(g)
     return QueryBounds(per_net, tuple(ups), tuple(lows))
+
+
+def _refuted(up: np.ndarray, todo: np.ndarray, group_of: np.ndarray) -> int:
+    """Groups all of whose disjuncts are finished and below 0 (none can hold)."""
+    open_ = (todo > 0) | (up >= -BOUND_TOL)
+    return int(np.sum(~np.bincount(group_of, weights=open_, minlength=int(group_of.max()) + 1).astype(bool)))
 
 
 class BoundsVerifier(Verifier):
@@ -120,7 +159,7 @@ class BoundsVerifier(Verifier):
 
     def verify(self, query: Query, *, time_limit_s: float = 0.0) -> VerificationResult:
         t0 = time.perf_counter()
-        qb = query_bounds(query, self.method, per_network=False)
+        qb = query_bounds(query, self.method, per_network=False, stop_at_unsat=True)
         if qb.proves_unsat(query):
             return self._result(Verdict.UNSAT, t0, message=f"{self.method} bounds: at most "
                                 f"{qb.possible_groups()} of {query.required} required groups can hold")
@@ -196,7 +235,7 @@ class MilpVerifier(Verifier):
         """:meth:`verify`, reusing ``qb`` when a caller (the portfolio's bounds stage) already
         computed the query's bounds with the same method (``self.bounds``)."""
         t0 = time.perf_counter()
-        qb = qb if qb is not None else query_bounds(query, self.bounds, per_network=False)
+        qb = qb if qb is not None else query_bounds(query, self.bounds, per_network=False, stop_at_unsat=True)
         if qb.proves_unsat(query):
             return self._result(Verdict.UNSAT, t0, message="bounds prove UNSAT (no solver call)")
         if not qb.nets:  # the encoding needs every network's own bounds

@@ -180,13 +180,32 @@ def _bounds(net: NetworkIR, lo: np.ndarray, hi: np.ndarray, spec: np.ndarray | N
     lo, hi = _check_box(net, lo, hi)
     w = _Walker(lo, hi, symbolic)
     s = _State(lo.copy(), hi.copy())
+    ops = _with_spec(net, spec)
     if symbolic:
-        s.lw = np.eye(net.in_dim)
-        s.uw = np.eye(net.in_dim)
-        s.lb = np.zeros(net.in_dim)
-        s.ub = np.zeros(net.in_dim)
-    out = w.run(_with_spec(net, spec), s)
+        s, ops = _exact_prefix(w, s, ops, net.in_dim)
+    out = w.run(ops, s)
     return NetworkBounds(tuple(w.pre), (out.lo, out.hi))
+
+
+def _exact_prefix(w: _Walker, s: _State, ops: tuple[Op, ...], in_dim: int) -> tuple[_State, tuple[Op, ...]]:
+    """The state after the leading affine ops, whose lower and upper forms are both the exact
+    composed map ``W x + b`` (what pushing identity forms through them gives, without the
+    products with an ``in_dim x in_dim`` identity, which made the pass on a 784-input MLP with
+    an input normalisation ten times slower); the remaining ops."""
+    k, wt, b = 0, None, None
+    while k < len(ops) and isinstance(ops[k], Affine):
+        op = ops[k]
+        assert isinstance(op, Affine)
+        wt = op.weight if wt is None else op.weight @ wt
+        b = op.bias if b is None else op.weight @ b + op.bias
+        wp, wn = _pos_neg(op.weight)
+        lo, hi = wp @ s.lo + wn @ s.hi + op.bias, wp @ s.hi + wn @ s.lo + op.bias
+        s = w.tighten(_State(lo, hi, wt, b, wt, b), lo, hi)
+        k += 1
+    if wt is None:
+        s.lw, s.uw = np.eye(in_dim), np.eye(in_dim)
+        s.lb, s.ub = np.zeros(in_dim), np.zeros(in_dim)
+    return s, ops[k:]
 
 
 def interval_bounds(net: NetworkIR, lo: np.ndarray, hi: np.ndarray, spec: np.ndarray | None = None) -> NetworkBounds:

@@ -69,7 +69,7 @@ class MarabouVerifier(Verifier):
         if not marabou_available():
             raise PhalanxError("the marabou backend needs maraboupy: pip install 'phalanx[marabou]' "
                                "(wheels exist for Python 3.10/3.11)")
-        if self.use_bounds and query_bounds(query, per_network=False).proves_unsat(query):
+        if self.use_bounds and query_bounds(query, per_network=False, stop_at_unsat=True).proves_unsat(query):
             return self._result(Verdict.UNSAT, t0, message="bounds prove UNSAT (no solver call)")
         lo, hi = query.box()
         payload = {"nets": [plain_ops(n.ops) for n in query.nets], "lo": lo, "hi": hi,

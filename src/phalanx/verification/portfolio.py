@@ -1,5 +1,6 @@
 """The joint-attack verifier (SAT only) and the portfolio: an ordered, configurable list of
-stages (bounds, attack, member-wise proofs, a complete backend) sharing one time limit.
+stages (forward bounds, joint CROWN bounds, attack, member-wise proofs, the exact MILP, a complete
+backend) sharing one time limit.
 
 The portfolio is never less sound than its parts: the attack can only answer SAT with a witness
 that re-checks in float64 PyTorch, the bounds only UNSAT from a sound over-approximation, and
@@ -14,7 +15,18 @@ proportion to their claims against the claims of the stages still to come (a cla
 stage). The complete backend claims 1 (it can decide anything); the member-wise stage claims the
 share of the joint problem's unstable ReLUs that the member proofs it still needs would branch on
 (0 when cached verdicts already settle whether it can help). New backends slot in with
-:data:`STAGES` (``STAGES.add("crown", factory)``, factory ``(**options) -> Stage``) and a
+**Order.** Stages run by cost per decision: the forward linear bounds' disjunct pass takes
+milliseconds and alone decides most easy queries (cached per member, point and eps across queries,
+it stops at the first member that settles the query), joint CROWN bounds decide more at a higher
+cost, the attack finds SAT, the member proofs, the exact MILP on the joint query (with the
+bounds found so far; only when the complete backend is not the MILP) and the complete backend
+solve. After the first stage, a stage that decides from cached work (``free``: member verdicts
+cached by earlier pairs) runs next. The exact MILP claims 1 and the complete backend claims its
+decision rate on the queries that reached it so far (:func:`decision_rate`), so where branch and
+bound keeps failing after the MILP the MILP gets nearly all the time: a query the MILP alone
+solves within the limit is not lost to a fixed split.
+
+:data:`STAGES` (``STAGES.add("name", factory)``, factory ``(**options) -> Stage``) and a
 ``stages=("bounds", "crown", "attack", "members", "complete")`` list; :class:`VerifierStage`
 wraps any :class:`~phalanx.verification.backends.Verifier` as a stage.
 """
@@ -23,6 +35,7 @@ from __future__ import annotations
 
 import copy
 import time
+import weakref
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -32,7 +45,14 @@ import torch
 
 from phalanx.errors import PhalanxError
 from phalanx.registry import Registry
-from phalanx.verification.backends import BOUND_TOL, MilpVerifier, QueryBounds, Verifier, query_bounds
+from phalanx.verification.backends import (
+    BOUND_TOL,
+    BoundCache,
+    MilpVerifier,
+    QueryBounds,
+    Verifier,
+    query_bounds,
+)
 from phalanx.verification.query import Query, QueryKind, Verdict, VerificationResult, recheck
 
 
@@ -125,6 +145,10 @@ class AttackVerifier(Verifier):
 _MEMBER_CACHE: dict[tuple[str, str, float, int, tuple[float, float]], tuple[Verdict, float]] = {}
 
 
+#: the bounds stage's disjunct bounds per network, box and disjunct rows (``query_bounds``'s cache)
+_BOUND_CACHE: BoundCache = weakref.WeakKeyDictionary()
+
+
 #: member-stage outcomes in this process (runs that solved a member query, and of those, decided)
 _MEMBER_STATS = {"runs": 0, "decided": 0}
 
@@ -149,6 +173,18 @@ def _member_wise(query: Query) -> bool:
 def _members_needed(query: Query) -> int:
     """How many members must be proven robust alone before fewer than ``quorum`` can err."""
     return len(query.nets) - query.required + 1
+
+
+def _cached_members(query: Query) -> tuple[int, list[int]]:
+    """Members cached as robust, and those not cached as decided (still worth a proof)."""
+    robust, todo = 0, []
+    for i in range(len(query.nets)):
+        cached = _MEMBER_CACHE.get(_member_key(query, i))
+        if cached is not None and cached[0] is Verdict.UNSAT:
+            robust += 1
+        elif cached is None or not cached[0].decided:
+            todo.append(i)
+    return robust, todo
 
 
 def robust_members(query: Query, backend: Verifier, time_limit_s: float, *,
@@ -224,7 +260,9 @@ class Stage(Protocol):
     ``claim`` is what the stage has left to gain on this query: ``None`` for a cheap stage bounded
     by its own work (it gets all the time left), else a weight >= 0 against the later stages'
     claims (0 skips it). ``run`` returns a result; only a decided verdict (SAT with a re-checked
-    witness, or a sound UNSAT) ends the portfolio."""
+    witness, or a sound UNSAT) ends the portfolio. A stage may also have ``free(query) -> bool``:
+    True when it decides the query from cached work alone; after the first stage, such a stage
+    runs next, ahead of its place in the order."""
 
     name: str
 
@@ -246,7 +284,9 @@ class BoundsStage:
 
     def run(self, query: Query, state: StageState, time_limit_s: float) -> VerificationResult:
         t0 = time.perf_counter()
-        qb = query_bounds(query, self.method, per_network=False)  # per-network bounds only when needed
+        # the disjunct pass only (per-network bounds when a later stage needs them), cached per
+        # member across queries, stopping at the first member whose bounds settle the query
+        qb = query_bounds(query, self.method, per_network=False, stop_at_unsat=True, cache=_BOUND_CACHE)
         state.bounds, state.bounds_method = qb, self.method
         if qb.proves_unsat(query):
             return VerificationResult(Verdict.UNSAT, self.name, time.perf_counter() - t0,
@@ -256,16 +296,30 @@ class BoundsStage:
                                   message="bounds inconclusive (incomplete method)")
 
 
-class VerifierStage:
-    """Any :class:`Verifier` as a stage, with a fixed claim (``None``: cheap, gets the time left).
-    A :class:`MilpVerifier` reuses the bounds stage's bounds when they were computed alike."""
+#: stage outcomes in this process, by stage name: [runs, decided]
+_STAGE_STATS: dict[str, list[int]] = {}
 
-    def __init__(self, verifier: Verifier, claim: float | None = 1.0, name: str | None = None) -> None:
+
+def decision_rate(name: str) -> float:
+    """How often the stage ``name`` has decided the queries that reached it in this process
+    (Laplace estimate: 1/2 before any evidence)."""
+    runs, decided = _STAGE_STATS.get(name, (0, 0))
+    return (decided + 1) / (runs + 2)
+
+
+class VerifierStage:
+    """Any :class:`Verifier` as a stage, with a fixed claim (``None``: cheap, gets the time left)
+    or ``"rate"``: its :func:`decision_rate` so far. A :class:`MilpVerifier` reuses the bounds
+    stage's bounds when they were computed alike."""
+
+    def __init__(self, verifier: Verifier, claim: float | str | None = 1.0, name: str | None = None) -> None:
+        if isinstance(claim, str) and claim != "rate":
+            raise PhalanxError(f"unknown stage claim {claim!r}; accepted: a number >= 0, None or 'rate'")
         self.verifier, self._claim = verifier, claim
         self.name = name or verifier.name
 
     def claim(self, query: Query, state: StageState) -> float | None:
-        return self._claim
+        return decision_rate(self.name) if self._claim == "rate" else self._claim  # type: ignore[return-value]
 
     def run(self, query: Query, state: StageState, time_limit_s: float) -> VerificationResult:
         v = self.verifier
@@ -295,15 +349,8 @@ class MembersStage:
         qb = state.network_bounds(query)
         unstable = [float(nb.num_unstable) for nb in qb.nets] if qb is not None else [1.0] * k
         weights = [u + 1.0 for u in unstable]  # + 1: the disjunction's own binary
-        robust = open_ = 0
-        todo = []
-        for i in range(k):
-            cached = _MEMBER_CACHE.get(_member_key(query, i))
-            if cached is not None and cached[0] is Verdict.UNSAT:
-                robust += 1
-            elif cached is None or not cached[0].decided:
-                open_ += 1
-                todo.append(i)
+        robust, todo = _cached_members(query)
+        open_ = len(todo)
         still = _members_needed(query) - robust
         if still <= 0:
             return list(range(k)), weights, 1.0  # settled by the cache: costs nothing
@@ -319,6 +366,10 @@ class MembersStage:
 
     def claim(self, query: Query, state: StageState) -> float | None:
         return self._plan(query, state)[2]
+
+    def free(self, query: Query) -> bool:
+        """Cached member verdicts alone settle the query (it then costs a cache look-up)."""
+        return _member_wise(query) and _cached_members(query)[0] >= _members_needed(query)
 
     def run(self, query: Query, state: StageState, time_limit_s: float) -> VerificationResult:
         t0 = time.perf_counter()
@@ -341,8 +392,11 @@ class MembersStage:
 
 #: portfolio stages: name -> factory(portfolio options) -> Stage; "complete" is the complete backend
 STAGES: Registry[Callable[..., Stage]] = Registry("portfolio stage")
-#: the default order: cheap sound bounds, then the attack (SAT), then member-wise proofs, then MILP
-DEFAULT_STAGES = ("bounds", "attack", "members", "complete")
+#: the portfolio's ``bounds``: forward linear then joint CROWN, forward linear only, interval only
+BOUND_METHODS = ("crown", "linear", "interval")
+#: the default order, by cost per decision: forward bounds (milliseconds, decide most easy
+#: queries), joint CROWN bounds, the attack (SAT), member-wise proofs, the complete backend
+DEFAULT_STAGES = ("bounds", "crown", "attack", "members", "exact", "complete")
 
 
 @dataclass(frozen=True)
@@ -363,31 +417,50 @@ def _complete_backend(o: PortfolioOptions) -> Verifier:
 
 
 def _bounds_stage(o: PortfolioOptions) -> Stage:
-    """``crown``: joint back-substituted bounds over all members (bab.py), as a cheap stage;
-    ``linear`` / ``interval``: per-member forward bounds, shared with the MILP (backends.py)."""
-    if o.bounds == "crown":
-        from phalanx.verification import create_verifier
-
-        return VerifierStage(create_verifier("crown"), claim=None)
-    return BoundsStage(o.bounds)
+    """Per-member forward bounds, their disjunct pass only (backends.py; shared with the MILP):
+    ``linear`` (also the first, cheapest pass of ``bounds="crown"``) or ``interval``."""
+    return BoundsStage("interval" if o.bounds == "interval" else "linear")
 
 
-STAGES.add("bounds", _bounds_stage, "sound bounds (crown, or linear / interval): cheap UNSAT (polynomial time)")
+def _crown_stage(o: PortfolioOptions) -> Stage:
+    """Joint back-substituted (alpha-)CROWN bounds over all members (bab.py) as a cheap stage
+    (in the default list only with ``bounds="crown"``)."""
+    from phalanx.verification import create_verifier
+
+    return VerifierStage(create_verifier("crown"), claim=None)
+
+
+STAGES.add("bounds", _bounds_stage, "forward linear (or interval) bounds, disjunct pass only: the cheapest UNSAT "
+           "(milliseconds)")
+STAGES.add("crown", _crown_stage, "joint (alpha-)CROWN bounds over all members: UNSAT where forward bounds fail")
 STAGES.add("attack", lambda o: VerifierStage(AttackVerifier(o.attacks, steps=o.steps), claim=None),
            "falsification (APGD on the property margin, restarts, in the box): SAT with a re-checked witness")
 STAGES.add("members", lambda o: MembersStage(create_verifier_for_members(o)),
            "member-wise robustness proofs (cached across queries): sound UNSAT")
-STAGES.add("complete", lambda o: VerifierStage(_complete_backend(o), claim=1.0),
-           "the complete backend on the joint query (milp by default)")
+STAGES.add("exact", lambda o: VerifierStage(_member_milp(o), claim=1.0, name="exact"),
+           "the exact MILP on the joint query with the bounds found so far (in the default list unless "
+           "complete='milp')")
+STAGES.add("complete", lambda o: VerifierStage(_complete_backend(o), claim="rate"),
+           "the complete backend on the joint query (bab by default); claims its decision rate so far")
+
+
+def _member_milp(o: PortfolioOptions) -> Verifier:
+    """The MILP backend with the complete backend's thread count."""
+    from phalanx.verification import create_verifier
+
+    return create_verifier("milp", **{k: v for k, v in o.complete_options.items() if k == "threads"})
 
 
 def create_verifier_for_members(o: PortfolioOptions) -> Verifier:
     """The single-network backend of the member stage: MILP (with the complete backend's thread
     count) for milp/smt, else the complete one."""
-    from phalanx.verification import create_verifier
+    return _member_milp(o) if o.complete in ("milp", "smt") else _complete_backend(o)
 
-    same_threads = {k: v for k, v in o.complete_options.items() if k == "threads"}
-    return create_verifier("milp", **same_threads) if o.complete in ("milp", "smt") else _complete_backend(o)
+
+def _free(stage: Stage, query: Query) -> bool:
+    """Whether a stage says it decides ``query`` from cached work alone (optional ``free``)."""
+    free = getattr(stage, "free", None)
+    return bool(free(query)) if free is not None else False
 
 
 class Portfolio(Verifier):
@@ -403,10 +476,13 @@ class Portfolio(Verifier):
     def __init__(self, complete: str = "bab", attacks: Sequence[str] | None = None, steps: int = 50,
                  bounds: str = "crown", member_proofs: bool = True,
                  stages: Sequence[str | Stage] | None = None, **complete_options: object) -> None:
+        if bounds not in BOUND_METHODS:
+            raise PhalanxError(f"unknown portfolio bounds {bounds!r}; accepted: {', '.join(BOUND_METHODS)}")
         opts = PortfolioOptions(complete, tuple(attacks) if attacks is not None else None, steps, bounds,
                                 dict(complete_options))
         names: Sequence[str | Stage] = stages if stages is not None else [
-            s for s in DEFAULT_STAGES if member_proofs or s != "members"]
+            s for s in DEFAULT_STAGES if (member_proofs or s != "members") and (bounds == "crown" or s != "crown")
+            and (complete != "milp" or s != "exact")]
         if not names:
             raise PhalanxError("a portfolio needs at least one stage; accepted: " + ", ".join(STAGES.names()))
         self.stages: list[Stage] = [STAGES.get(s)(opts) if isinstance(s, str) else s for s in names]
@@ -416,7 +492,10 @@ class Portfolio(Verifier):
         t0 = time.perf_counter()
         state = StageState()
         last: VerificationResult | None = None
-        for k, stage in enumerate(self.stages):
+        pending = list(self.stages)
+        while pending:
+            # after the first stage, one that decides from cached work (``free``) jumps the queue
+            stage = pending.pop(next((i for i, s in enumerate(pending) if state.times and _free(s, query)), 0))
             left = time_limit_s - (time.perf_counter() - t0)
             claim = stage.claim(query, state)
             if claim is not None and claim <= 0:
@@ -424,10 +503,13 @@ class Portfolio(Verifier):
             if left <= 0:
                 break
             if claim is not None:
-                later = [c for c in (s.claim(query, state) for s in self.stages[k + 1:]) if c is not None and c > 0]
+                later = [c for c in (s.claim(query, state) for s in pending) if c is not None and c > 0]
                 left = left * claim / (claim + sum(later))
             last = stage.run(query, state, left)
             state.times[stage.name] = round(last.wall_time_s, 6)
+            stats = _STAGE_STATS.setdefault(stage.name, [0, 0])
+            stats[0] += 1
+            stats[1] += last.verdict.decided
             if last.verdict.decided:
                 return self._finish(last, t0, stage.name, state.times)
         if last is not None and last.verdict is Verdict.ERROR:  # e.g. the complete backend's exact tie
