@@ -8,7 +8,16 @@ import torch
 from verif_nets import toy_network
 
 from phalanx.errors import PhalanxError
-from phalanx.verification import BACKENDS, MilpVerifier, QueryKind, Verdict, create_verifier, make_query, to_ir
+from phalanx.verification import (
+    BACKENDS,
+    MilpVerifier,
+    QueryKind,
+    Verdict,
+    create_verifier,
+    make_query,
+    query_bounds,
+    to_ir,
+)
 from phalanx.verification.marabou import marabou_available
 from phalanx.verification.portfolio import AttackVerifier
 from phalanx.verification.query import recheck
@@ -534,3 +543,22 @@ def test_complete_stage_claims_its_decision_rate(pair_queries) -> None:
     with pytest.raises(PhalanxError, match="unknown stage claim 'often'"):
         VerifierStage(Never(), claim="often")
     _STAGE_STATS.pop("never", None)
+
+
+def test_exact_stage_steps_aside_above_its_unstable_limit(pair_queries, monkeypatch) -> None:
+    """The exact MILP stage claims 1 up to ``EXACT_MAX_UNSTABLE`` unstable ReLUs (by the forward
+    bounds) and 0 above, leaving the time to the complete backend."""
+    from phalanx.verification import portfolio as pf
+
+    stage = pf.STAGES.get("exact")(pf.PortfolioOptions())
+    for q in pair_queries:
+        state = pf.StageState(query_bounds(q, "linear"), "linear")
+        n = sum(nb.num_unstable for nb in state.bounds.nets)
+        if n == 0:
+            continue
+        monkeypatch.setattr(pf, "EXACT_MAX_UNSTABLE", n)
+        assert stage.claim(q, state) == 1.0
+        monkeypatch.setattr(pf, "EXACT_MAX_UNSTABLE", n - 1)
+        assert stage.claim(q, state) == 0.0
+        return
+    pytest.fail("no query with an unstable ReLU")
