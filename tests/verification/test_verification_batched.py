@@ -7,7 +7,7 @@ import time
 import numpy as np
 import pytest
 import torch
-from test_verification_crown import assert_contains, box_samples
+from test_verification_crown import assert_agrees_with_milp, assert_contains, box_samples, queries_around
 from torch import nn
 
 from phalanx.verification import Verdict, create_verifier, make_query, to_ir
@@ -148,36 +148,17 @@ def test_split_domains_keep_every_point_that_satisfies_their_splits() -> None:
     assert covered == len(x)  # the children partition the box (up to points on a split's zero)
 
 
-def _queries() -> list:
-    """Single-member and mutual-error pair queries of deep MLPs at radii around their decision
-    boundaries (where root bounds alone rarely decide)."""
-    out = []
-    for seed in range(4):
-        ms = [deep_mlp(seed, width=16, leaky=0.1 if seed == 2 else 0.0), deep_mlp(seed + 10, width=16)]
-        irs = [to_ir(m) for m in ms]
-        x = np.random.default_rng(seed).random(irs[0].in_dim)
-        label = int(np.argmax(irs[0].forward(x)))
-        for eps in (0.07, 0.09, 0.12):
-            for members in ([0], [0, 1]):
-                out.append(make_query([ms[i] for i in members], x, eps, label, nets=[irs[i] for i in members]))
-    return out
-
-
 @pytest.mark.parametrize("options", [{"batch_leaf_unstable": 0, "refine_share": 0.0, "batch": 8, "alpha_steps": 5},
                                      {"batch_leaf_unstable": 0, "batch": 8, "batch_dtype": "float64", "alpha_steps": 5}],
                          ids=["split-to-leaves", "refined-float64"])
 def test_batched_branch_and_bound_agrees_with_milp(options: dict) -> None:
-    milp, bab = create_verifier("milp"), create_verifier("bab", **options)
-    seen, branched = set(), 0
-    for q in _queries():
-        m, b = milp.verify(q, time_limit_s=60), bab.verify(q, time_limit_s=60)
-        assert m.verdict.decided and b.verdict.decided, (m.message, b.message)
-        assert m.verdict is b.verdict, (q.describe(), m.message, b.message)
-        seen.add(b.verdict)
-        if b.verdict is Verdict.SAT:
-            assert recheck(q, b.counterexample)[0] is not None
-        branched += int(b.details.get("batched", 0) == 1 and b.details.get("domains", 0) > 1)
-    assert seen == {Verdict.SAT, Verdict.UNSAT}
+    """Single-member and mutual-error pair queries of deep MLPs at radii around their decision
+    boundaries (where root bounds alone rarely decide)."""
+    queries = [q for seed in range(4) for q in queries_around(
+        [deep_mlp(seed, width=16, leaky=0.1 if seed == 2 else 0.0), deep_mlp(seed + 10, width=16)], seed,
+        (0.07, 0.09))]
+    results = assert_agrees_with_milp(create_verifier("bab", **options), queries)
+    branched = sum(r.details.get("batched", 0) == 1 and r.details.get("domains", 0) > 1 for r in results)
     assert branched >= 3  # the batched search itself decided queries, not only the root bounds
 
 
