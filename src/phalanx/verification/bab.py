@@ -20,7 +20,7 @@ back-substitution with the split neurons' intervals clamped and the split constr
    search is complete: every leaf is refuted by bounds, an empty split domain, an infeasible
    MILP, or yields a re-checked witness.
 
-When every member the query reads is a chain of affine ops and (leaky) ReLUs (``batch > 0``,
+When every member the query reads is a chain of affine ops, (leaky) ReLUs and max-pools (``batch > 0``,
 the default), the search after the root is the batched one of ``batched.py`` instead: the
 root's intermediate bounds are first tightened by alpha-CROWN (``alpha_steps``) and by MILP
 refinement of the most important unstable neurons (``refine.py``; ``refine_share`` of the time
