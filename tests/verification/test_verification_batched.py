@@ -50,7 +50,7 @@ def _root(net: nn.Module, eps: float, seed: int):  # type: ignore[no-untyped-def
     return ir, q, st, root
 
 
-def test_dense_layers_reads_only_alternating_dense_chains() -> None:
+def test_dense_layers_reads_a_dense_chain() -> None:
     ir = to_ir(deep_mlp(0))
     _, _, st, _ = _root(deep_mlp(0), 0.05, 0)
     layers = dense_layers(st.graphs[0])

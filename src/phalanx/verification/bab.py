@@ -310,7 +310,7 @@ class BabVerifier(Verifier):
 
         out = batched.search(pb, root.upper, deadline=bab_until, batch=self.batch, steps=self.node_alpha_steps,
                              root_steps=self.alpha_steps, leaf_unstable=self.batch_leaf_unstable,
-                             dtype=self.batch_dtype, leaf=leaf, confirm=confirm)
+                             dtype=self.batch_dtype, leaf=leaf, confirm=confirm, interm=self.refine_intermediate)
         stats.update(out.stats)
         stats["batched"] = 1
         if out.unsat:

@@ -27,7 +27,7 @@ alpha-beta-CROWN does (Wang et al. 2021, "Beta-CROWN", sec. 3 and appendix; Xu e
   et al. 2020, sec. 5.1, filtered by the bound of their worse child, FSB: De Palma et al. 2021),
   into ``2 batch`` children bounded together by ``steps`` Adam iterations; a child keeps the
   minimum of its and its parent's bounds (the parent's hold on a superset), and is dropped
-  when every conjunction is refuted. With ``interm`` the children's intermediate bounds above
+  when every conjunction is refuted. With ``interm`` (``BabVerifier(refine_intermediate=True)``) the children's intermediate bounds above
   the split are recomputed by back-substitution first (off by default: on ``mnist_fc`` 256x4 it
   tripled the cost of a batch and closed no more domains). The bound maximisers (box vertices)
   of the open domains are run through the networks as SAT candidates.
@@ -459,7 +459,6 @@ def optimise(pb: Problem, b: Batch, steps: int, lr: float, dtype: torch.dtype,
              deadline: float | None) -> tuple[Bound, Batch]:
     """Optimise ``b``'s slopes, multipliers and weights by Adam (in ``dtype``) on its live rows;
     returns the float64 bound from the best parameters of each row and the updated batch."""
-    params: list[torch.Tensor] = []
     alpha = [{k: v.to(dtype).clone().requires_grad_(True) for k, v in a.items()} for a in b.alpha]
     beta = [{k: v.to(dtype).clone().requires_grad_(True) for k, v in bb.items()} for bb in b.beta]
     q = pb.conj.shape[1]
@@ -690,7 +689,7 @@ def search(pb: Problem, root_upper: np.ndarray, *, deadline: float, batch: int =
                                                                              for r in pb.root],
                   alpha, beta, lam, start[None, :].clone(), torch.zeros(1, dtype=torch.int64, device=dev))
     stats = {"domains": 1, "batches": 0, "max_depth": 0, "milp_leaves": 0, "conjunctions": c}
-    got, first = optimise(pb, open_, root_steps, lr, torch.float64, deadline)
+    _, first = optimise(pb, open_, root_steps, lr, torch.float64, deadline)
     # the open domains, as a stack of batches (depth first: bounded memory, no re-sorting of
     # the whole pool; every domain has to be closed for UNSAT in any order)
     pool: list[Batch] = [first]

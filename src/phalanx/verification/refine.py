@@ -67,9 +67,9 @@ def dense_layers(g: Graph) -> list[tuple[np.ndarray, np.ndarray, float]] | None:
 
 def _prefix_model(highspy: object, layers: list[tuple[np.ndarray, np.ndarray, float]], k: int,
                   lo: list[np.ndarray], hi: list[np.ndarray], x_lo: np.ndarray, x_hi: np.ndarray,
-                  threads: int) -> tuple[object, np.ndarray]:
+                  threads: int) -> tuple[object, np.ndarray, bool]:
     """The big-M MILP of acts ``0..k-1`` (input box, each act's output ``h``); returns the HiGHS
-    instance and the column indices of ``h_{k-1}``."""
+    instance, the column indices of ``h_{k-1}`` and whether it has integer columns."""
     hp = highspy
     col_lo: list[np.ndarray] = [x_lo]
     col_hi: list[np.ndarray] = [x_hi]
@@ -165,11 +165,11 @@ def _prefix_model(highspy: object, layers: list[tuple[np.ndarray, np.ndarray, fl
     for key, val in REFINE_HIGHS_OPTIONS.items():
         h.setOptionValue(key, val)  # type: ignore[attr-defined]
     h.passModel(lp)  # type: ignore[attr-defined]
-    return h, prev
+    return h, prev, bool(ints.any())
 
 
 def _solve_bound(h: object, highspy: object, cost_cols: np.ndarray, cost: np.ndarray, maximise: bool,
-                 limit: float) -> float | None:
+                 limit: float, mip: bool) -> float | None:
     """The MILP's dual bound of ``max`` / ``min`` of ``cost . h`` (None when HiGHS gives none)."""
     hp = highspy
     n = h.getNumCol()  # type: ignore[attr-defined]
@@ -184,7 +184,7 @@ def _solve_bound(h: object, highspy: object, cost_cols: np.ndarray, cost: np.nda
     if status == hp.HighsModelStatus.kInfeasible:  # type: ignore[attr-defined]
         return -np.inf if maximise else np.inf
     info = h.getInfo()  # type: ignore[attr-defined]
-    if h.getLp().integrality_:  # type: ignore[attr-defined]
+    if mip:
         v = float(info.mip_dual_bound)
         return v if np.isfinite(v) else None
     if status == hp.HighsModelStatus.kOptimal:  # type: ignore[attr-defined]
@@ -216,17 +216,19 @@ def refine_bounds(g: Graph, pre: Bounds, x_lo: torch.Tensor, x_hi: torch.Tensor,
             continue
         sc = (hi[k] - lo[k]) if scores is None else scores[k].cpu().numpy()
         order = uns[np.argsort(-sc[uns], kind="stable")][:max_per_layer]
-        model, h_cols = _prefix_model(highspy, layers, k, lo, hi, xl, xh, threads)
+        model, h_cols, mip = _prefix_model(highspy, layers, k, lo, hi, xl, xh, threads)
         w, b, _ = layers[k]
         mag_h = np.maximum(np.abs(lo[k - 1]), np.abs(hi[k - 1]))
         for j in order.tolist():
+            if time.perf_counter() > deadline:
+                break
             for maximise in (True, False):
                 left = deadline - time.perf_counter()
                 if left <= 0:
                     break
                 if (maximise and hi[k][j] <= 0) or (not maximise and lo[k][j] >= 0):
                     continue
-                v = _solve_bound(model, highspy, h_cols, w[j], maximise, min(per_neuron_s, left))
+                v = _solve_bound(model, highspy, h_cols, w[j], maximise, min(per_neuron_s, left), mip)
                 stats["milps"] += 1
                 if v is None:
                     continue
