@@ -60,8 +60,11 @@ def test_dense_layers_reads_a_dense_chain() -> None:
 
 @pytest.mark.parametrize("leaky", [0.0, 0.1], ids=["relu", "leaky"])
 def test_intermediate_optimisation_and_refinement_are_sound_and_tighter(leaky: float) -> None:
+    """alpha-CROWN on the intermediate layers, then both refinements (prefix MILPs, prefix
+    branch and bound): sampled pre-activations stay inside, nothing gets looser, each method
+    tightens something, and the search's bounds never pass the exact MILP optimum of the prefix."""
     rng = np.random.default_rng(0)
-    tighter_alpha = tighter_milp = 0
+    tighter_alpha = tighter_milp = tighter_search = stable_search = 0
     for seed, eps in ((0, 0.1), (1, 0.2), (2, 0.3)):
         net = deep_mlp(seed, leaky=leaky)
         ir, q, st, root = _root(net, eps, seed)
@@ -74,12 +77,23 @@ def test_intermediate_optimisation_and_refinement_are_sound_and_tighter(leaky: f
                                    per_neuron_s=2.0)
         assert_contains(_as_bounds(ref, ir), ir, samples)
         assert stats["milps"] > 0
-        for (a0, b0), (a1, b1), (a2, b2) in zip(pre, opt, ref, strict=True):
+        found, sstats = bt.refine_by_search(st, 0, opt, deadline=time.perf_counter() + 30, per_side_s=1.0, batch=16)
+        assert_contains(_as_bounds(found, ir), ir, samples)
+        assert sstats["searches"] > 0
+        for (a0, b0), (a1, b1), (a2, b2), (a3, b3) in zip(pre, opt, ref, found, strict=True):
             assert torch.all(a1 >= a0) and torch.all(b1 <= b0)  # never looser
             assert torch.all(a2 >= a1) and torch.all(b2 <= b1)
+            assert torch.all(a3 >= a1) and torch.all(b3 <= b1)
+            # the MILPs were solved to optimality (tiny nets): the exact prefix extremes
+            # within the MILP gap (HiGHS stops at a relative gap of 1e-4) of the optimum
+            slack = 2e-4 * (1 + torch.maximum(b2.abs(), a2.abs()))
+            assert torch.all(b3 >= b2 - slack), float((b2 - b3).max())
+            assert torch.all(a3 <= a2 + slack), float((a3 - a2).max())
             tighter_alpha += int(((b1 - a1) < (b0 - a0) - 1e-9).sum())
             tighter_milp += int(((b2 - a2) < (b1 - a1) - 1e-9).sum())
-    assert tighter_alpha > 0 and tighter_milp > 0
+            tighter_search += int(((b3 - a3) < (b1 - a1) - 1e-9).sum())
+            stable_search += int((((a3 >= 0) | (b3 <= 0)) & (a1 < 0) & (b1 > 0)).sum())
+    assert tighter_alpha > 0 and tighter_milp > 0 and tighter_search > 0 and stable_search > 0
 
 
 def test_the_sample_check_catches_a_refinement_that_overshoots() -> None:

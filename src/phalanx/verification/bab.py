@@ -22,9 +22,11 @@ back-substitution with the split neurons' intervals clamped and the split constr
 
 When every member the query reads is a chain of affine ops, (leaky) ReLUs and max-pools (``batch > 0``,
 the default), the search after the root is the batched one of ``batched.py`` instead: the
-root's intermediate bounds are first tightened by alpha-CROWN (``alpha_steps``) and by MILP
-refinement of the most important unstable neurons (``refine.py``; ``refine_share`` of the time
-left, at most ``refine_neuron_s`` per neuron and side), then ``batch`` domains at a time are
+root's intermediate bounds are first tightened by alpha-CROWN (``alpha_steps``) and then the
+most important unstable neurons are refined (``refine_share`` of the time left, at most
+``refine_neuron_s`` per neuron and side): by the batched search on the network's prefix
+(``refine="search"``, the default: ``batched.refine_by_search``) or by HiGHS prefix MILPs
+(``refine="milp"``: ``refine.py``); then ``batch`` domains at a time are
 split and bounded with optimised slopes and split multipliers (in ``batch_dtype``, every
 deciding bound recomputed in float64), with the MILP at leaves of at most
 ``batch_leaf_unstable`` unstable neurons.
@@ -194,6 +196,11 @@ def _importance(st: Setup, root: NodeBounds, pre: list[list[tuple[torch.Tensor, 
     return out
 
 
+#: how intermediate bounds are refined before the batched search, with the default time per
+#: neuron side: this module's batched search on the network's prefix, or HiGHS prefix MILPs
+REFINE_NEURON_S = {"search": 0.2, "milp": 0.5}
+
+
 class BabVerifier(Verifier):
     """Complete: branch and bound over ReLU splits with joint CROWN bounds, MILP at small leaves
     and as the fallback (see the module docstring)."""
@@ -203,14 +210,19 @@ class BabVerifier(Verifier):
     def __init__(self, alpha_steps: int = 20, node_alpha_steps: int = 8, leaf_unstable: int = 48,
                  bab_share: float = 0.7, threads: int = 1, forward: bool = True, refine_intermediate: bool = False,
                  device: str | None = None, batch: int = 256, batch_leaf_unstable: int = 16,
-                 batch_dtype: str = "float32", refine_share: float = 0.4, refine_neuron_s: float = 0.5) -> None:
+                 batch_dtype: str = "float32", refine_share: float = 0.4, refine_neuron_s: float | None = None,
+                 refine: str = "search") -> None:
         self.alpha_steps, self.node_alpha_steps, self.leaf_unstable = alpha_steps, node_alpha_steps, leaf_unstable
         self.refine_intermediate = refine_intermediate
         self.bab_share, self.threads, self.forward, self.device = bab_share, threads, forward, device
         if batch_dtype not in ("float32", "float64"):
             raise PhalanxError(f"batch_dtype {batch_dtype!r} not accepted; accepted: float32, float64")
         self.batch, self.batch_leaf_unstable = int(batch), int(batch_leaf_unstable)
-        self.refine_share, self.refine_neuron_s = float(refine_share), float(refine_neuron_s)
+        if refine not in REFINE_NEURON_S:
+            raise PhalanxError(f"refine {refine!r} not accepted; accepted: {', '.join(REFINE_NEURON_S)}")
+        self.refine = refine
+        self.refine_share = float(refine_share)
+        self.refine_neuron_s = float(REFINE_NEURON_S[refine] if refine_neuron_s is None else refine_neuron_s)
         self.batch_dtype = torch.float32 if batch_dtype == "float32" else torch.float64
 
     def verify(self, query: Query, *, time_limit_s: float) -> VerificationResult:
@@ -283,9 +295,14 @@ class BabVerifier(Verifier):
             scores = _importance(st, root, pre)
             for i, used in enumerate(st.users):
                 if used and len(pre[i]) > 1:
-                    pre[i], rs = refine_bounds(st.graphs[i], pre[i], st.x_lo, st.x_hi, deadline=refine_until,
-                                               scores=scores[i], per_neuron_s=self.refine_neuron_s,
-                                               threads=self.threads)
+                    if self.refine == "search":
+                        pre[i], rs = batched.refine_by_search(st, i, pre[i], deadline=refine_until, scores=scores[i],
+                                                              per_side_s=self.refine_neuron_s, batch=self.batch,
+                                                              steps=self.node_alpha_steps, dtype=self.batch_dtype)
+                    else:
+                        pre[i], rs = refine_bounds(st.graphs[i], pre[i], st.x_lo, st.x_hi, deadline=refine_until,
+                                                   scores=scores[i], per_neuron_s=self.refine_neuron_s,
+                                                   threads=self.threads)
                     for key, v in rs.items():
                         stats[f"refine_{key}"] = stats.get(f"refine_{key}", 0) + v
             pre = batched.optimise_intermediate(st, pre, self.alpha_steps, deadline=t0 + 0.6 * limit)
