@@ -41,6 +41,7 @@ from __future__ import annotations
 import heapq
 import itertools
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -199,6 +200,8 @@ def _importance(st: Setup, root: NodeBounds, pre: list[list[tuple[torch.Tensor, 
 #: how intermediate bounds are refined before the batched search, with the default time per
 #: neuron side: this module's batched search on the network's prefix, or HiGHS prefix MILPs
 REFINE_NEURON_S = {"search": 0.2, "milp": 0.5}
+#: slope iterations of the check, after each refined layer, whether the root is already refuted
+REFUTE_STEPS = 10
 
 
 class BabVerifier(Verifier):
@@ -293,12 +296,21 @@ class BabVerifier(Verifier):
         if self.refine_share > 0:
             refine_until = time.perf_counter() + self.refine_share * (deadline - time.perf_counter())
             scores = _importance(st, root, pre)
+
+            def refuted(i: int) -> Callable[[list[tuple[torch.Tensor, torch.Tensor]]], bool]:
+                def done(bounds: list[tuple[torch.Tensor, torch.Tensor]]) -> bool:
+                    pb = batched.make_problem(st, [bounds if j == i else p for j, p in enumerate(pre)], root.upper)
+                    return pb is not None and bool((batched.root_bound(pb, root.upper, REFUTE_STEPS).upper
+                                                    < -BOUND_TOL).all())
+                return done
+
             for i, used in enumerate(st.users):
                 if used and len(pre[i]) > 1:
                     if self.refine == "search":
                         pre[i], rs = batched.refine_by_search(st, i, pre[i], deadline=refine_until, scores=scores[i],
                                                               per_side_s=self.refine_neuron_s, batch=self.batch,
-                                                              steps=self.node_alpha_steps, dtype=self.batch_dtype)
+                                                              steps=self.node_alpha_steps, dtype=self.batch_dtype,
+                                                              done=refuted(i))
                     else:
                         pre[i], rs = refine_bounds(st.graphs[i], pre[i], st.x_lo, st.x_hi, deadline=refine_until,
                                                    scores=scores[i], per_neuron_s=self.refine_neuron_s,

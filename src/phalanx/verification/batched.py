@@ -687,17 +687,8 @@ def search(pb: Problem, root_upper: np.ndarray, *, deadline: float, batch: int =
     domain exactly (per member, its pre-activation bounds): True refuted, an array a witness,
     None undecided (time); ``confirm(candidates)`` re-checks SAT candidates."""
     dev = pb.st.x_lo.device
-    c = pb.conj.shape[0]
-    rows = torch.as_tensor(root_upper, dtype=torch.float64, device=dev)
-    start = rows[pb.conj].min(dim=1).values  # a conjunction holds only if all its rows can
-    signs = [[torch.zeros(1, lo.numel(), dtype=torch.int8, device=dev) for lo, _ in pb.root[m]]
-             for m in range(len(pb.root))]
-    alpha, beta, lam = initial_params(pb, 1, torch.float32)
-    open_ = Batch(signs, [[lo[None].clone() for lo, _ in r] for r in pb.root], [[hi[None].clone() for _, hi in r]
-                                                                             for r in pb.root],
-                  alpha, beta, lam, start[None, :].clone(), torch.zeros(1, dtype=torch.int64, device=dev))
-    stats = {"domains": 1, "batches": 0, "max_depth": 0, "milp_leaves": 0, "conjunctions": c}
-    _, first = optimise(pb, open_, root_steps, lr, torch.float64, deadline)
+    stats = {"domains": 1, "batches": 0, "max_depth": 0, "milp_leaves": 0, "conjunctions": pb.conj.shape[0]}
+    first = root_bound(pb, root_upper, root_steps, lr, deadline)
     # the open domains, as a stack of batches (depth first: bounded memory, no re-sorting of
     # the whole pool; every domain has to be closed for UNSAT in any order)
     pool: list[Batch] = [first]
@@ -753,6 +744,22 @@ def search(pb: Problem, root_upper: np.ndarray, *, deadline: float, batch: int =
         pool.append(kids)
 
 
+def root_bound(pb: Problem, root_upper: np.ndarray, steps: int, lr: float = 0.1,
+               deadline: float | None = None) -> Batch:
+    """The root domain (the whole box; rows start at ``root_upper``) with its slopes and weights
+    optimised for ``steps`` float64 iterations."""
+    dev = pb.st.x_lo.device
+    rows = torch.as_tensor(root_upper, dtype=torch.float64, device=dev)
+    start = rows[pb.conj].min(dim=1).values  # a conjunction holds only if all its rows can
+    signs = [[torch.zeros(1, lo.numel(), dtype=torch.int8, device=dev) for lo, _ in pb.root[m]]
+             for m in range(len(pb.root))]
+    alpha, beta, lam = initial_params(pb, 1, torch.float32)
+    open_ = Batch(signs, [[lo[None].clone() for lo, _ in r] for r in pb.root], [[hi[None].clone() for _, hi in r]
+                                                                             for r in pb.root],
+                  alpha, beta, lam, start[None, :].clone(), torch.zeros(1, dtype=torch.int64, device=dev))
+    return optimise(pb, open_, steps, lr, torch.float64, deadline)[1]
+
+
 def _alive(b: Batch) -> Batch:
     """``b`` without its refuted domains (every conjunction's bound below zero)."""
     alive = (b.upper >= -BOUND_TOL).any(1)
@@ -789,7 +796,8 @@ def prefix_graph(g: Graph, k: int) -> Graph:
 
 def refine_by_search(st: Setup, m: int, pre: Bounds, *, deadline: float, scores: list[torch.Tensor] | None = None,
                      per_side_s: float = 0.2, batch: int = 256, steps: int = 8, root_steps: int = 10,
-                     dtype: torch.dtype = torch.float32, passes: int = 3) -> tuple[Bounds, dict[str, int]]:
+                     dtype: torch.dtype = torch.float32, passes: int = 3,
+                     done: Callable[[Bounds], bool] | None = None) -> tuple[Bounds, dict[str, int]]:
     """``pre`` (member ``m``'s pre-activation bounds) with the unstable neurons of acts ``1..``
     tightened by this module's search on the network's prefix, most important first (``scores``
     per act, larger first; default the interval width), until ``deadline``. A side (``max s z_j``,
@@ -798,7 +806,8 @@ def refine_by_search(st: Setup, m: int, pre: Bounds, *, deadline: float, scores:
     bounds the side (the closed ones are below zero). The tighter side goes first and the other is
     skipped once the neuron is stable. The layers above a refined act are back-substituted again
     from its bounds (``crown.pre_bounds``). Up to ``passes`` passes over the layers, each with four
-    times the time per side of the one before, while time is left."""
+    times the time per side of the one before, while time is left; ``done(bounds)``, asked after
+    each refined layer, ends the refinement early (e.g. once the caller's objective is refuted)."""
     g = st.graphs[m]
     cur = [(lo.clone(), hi.clone()) for lo, hi in pre]
     stats = {"refined": 0, "stabilised": 0, "searches": 0, "passes": 0}
@@ -844,5 +853,8 @@ def refine_by_search(st: Setup, m: int, pre: Bounds, *, deadline: float, scores:
                 with torch.no_grad():
                     nb = pre_bounds(g, st.x_lo, st.x_hi, floor=cur, start=k + 1).pre
                 cur = [(a.clone(), z.clone()) for a, z in nb]
+            if done is not None and done(cur):
+                stats["done"] = 1
+                return cur, stats
         budget *= 4
     return cur, stats
