@@ -104,11 +104,18 @@ class ResidualBlock(nn.Module):
 
     def forward_taps(self, h: Tensor) -> tuple[Tensor, Tensor]:
         mid = self.bn1(self.conv1(h))
-        out = self.bn2(self.conv2(self.act(mid))) + self.shortcut(h)
-        return mid, out
+        return mid, self._rest(h, self.act(mid))
 
     def forward(self, h: Tensor) -> Tensor:
-        return self.forward_taps(h)[1]
+        # without the inner tap, the activation may overwrite bn1's output (see _apply)
+        return self._rest(h, _apply(self.act, self.bn1(self.conv1(h)), self.bn1))
+
+    def _rest(self, h: Tensor, a: Tensor) -> Tensor:
+        out, skip = self.bn2(self.conv2(a)), self.shortcut(h)
+        if self.bn2._forward_hooks:  # a hook may keep bn2's output
+            return out + skip  # type: ignore[no-any-return]
+        # the sum in place: BatchNorm's backward never reads its output (same values as out + skip)
+        return out.add_(skip)  # type: ignore[no-any-return]
 
 
 class FeatureNet(nn.Module):
@@ -147,7 +154,12 @@ class FeatureNet(nn.Module):
         return int(self.config["num_classes"])
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.body(self.normalize(x))  # type: ignore[no-any-return]
+        h = self.normalize(x)
+        prev: nn.Module | None = None
+        for m in self.body:
+            h = _apply(m, h, prev)
+            prev = m
+        return h
 
     def features(self, x: Tensor, layer: int) -> Tensor:
         """Pre-activation features of layer ``layer`` in ``1..num_feature_layers`` (last = logits)."""
@@ -157,11 +169,30 @@ class FeatureNet(nn.Module):
             )
         idx, inner = self._taps[layer - 1]
         h = self.normalize(x)
+        prev: nn.Module | None = None
         for i, m in enumerate(self.body):
             if i == idx:
                 if inner:
                     assert isinstance(m, ResidualBlock)
                     return m.forward_taps(h)[0]
                 return m(h)  # type: ignore[no-any-return]
-            h = m(h)
+            h = _apply(m, h, prev)
+            prev = m
         raise AssertionError("unreachable")
+
+
+#: modules whose output is a fresh tensor that their backward never reads (convolution and linear
+#: layers save their input, BatchNorm its input and statistics; a residual block returns its sum)
+_FRESH_OUTPUT = (nn.modules.conv._ConvNd, nn.Linear, nn.modules.batchnorm._BatchNorm, ResidualBlock)
+
+
+def _apply(m: nn.Module, h: Tensor, prev: nn.Module | None) -> Tensor:
+    """``m(h)``, except that a plain ReLU after a module in :data:`_FRESH_OUTPUT` overwrites ``h``
+    in place (the same values and gradients, one memory pass and one activation-sized allocation
+    fewer per ReLU; autograd's version check would reject it if anything had saved ``h``). A ReLU
+    with hooks, after a module with forward hooks (which may keep its output), or after anything
+    else, runs as a module."""
+    if (type(m) is nn.ReLU and isinstance(prev, _FRESH_OUTPUT) and not m._forward_hooks
+            and not m._forward_pre_hooks and not prev._forward_hooks):
+        return torch.relu_(h)
+    return m(h)  # type: ignore[no-any-return]
