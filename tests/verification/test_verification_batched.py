@@ -96,6 +96,23 @@ def test_intermediate_optimisation_and_refinement_are_sound_and_tighter(leaky: f
     assert tighter_alpha > 0 and tighter_milp > 0 and tighter_search > 0 and stable_search > 0
 
 
+def test_search_refinement_stops_when_the_caller_is_done() -> None:
+    net = deep_mlp(1, depth=4)
+    _, _, st, root = _root(net, 0.2, 1)
+    pre = [(a.clone(), b.clone()) for a, b in root.pre[0].pre]
+    asked: list[int] = []
+
+    def done(bounds: list[tuple[torch.Tensor, torch.Tensor]]) -> bool:
+        asked.append(len(bounds))
+        return len(asked) == 2  # done after the second refined layer
+
+    _, full = bt.refine_by_search(st, 0, pre, deadline=time.perf_counter() + 30, per_side_s=0.5, batch=16, passes=1)
+    _, early = bt.refine_by_search(st, 0, pre, deadline=time.perf_counter() + 30, per_side_s=0.5, batch=16,
+                                   passes=3, done=done)
+    assert early["done"] == 1 and early["passes"] == 1 and len(asked) == 2
+    assert 0 < early["searches"] < full["searches"]
+
+
 def test_the_sample_check_catches_a_refinement_that_overshoots() -> None:
     rng = np.random.default_rng(1)
     net = deep_mlp(3)
