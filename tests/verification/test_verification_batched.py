@@ -247,3 +247,24 @@ def _pre_activations_any(ir: NetworkIR, x: np.ndarray) -> list[np.ndarray]:
     out: list[np.ndarray] = []
     _activations(ir.ops, x, out)
     return out
+
+
+def test_refinement_order_scores_every_act_of_a_max_pool_chain() -> None:
+    """The neuron order of the refinement: one score per pre-activation of every act, max-pools
+    included (their recorded coefficients are on their outputs, not on the bounds' inputs)."""
+    from test_verification_crown import _net
+
+    from phalanx.verification.bab import _importance
+
+    net = _net("conv-bn-maxpool", 1)
+    ir = to_ir(net)
+    x = np.random.default_rng(1).random(ir.in_dim)
+    q = make_query([net], x, 0.1, int(np.argmax(ir.forward(x))), nets=[ir])
+    st, root = root_bounds(q, alpha_steps=0, record=True)
+    pre = [[(a, b) for a, b in p.pre] for p in root.pre]
+    kinds = {st.graphs[0].nodes[i].kind for i in st.graphs[0].acts}
+    assert kinds == {"act", "maxpool"}
+    scores = _importance(st, root, pre)[0]
+    assert scores is not None
+    assert [s.shape for s in scores] == [lo.shape for lo, _ in pre[0]]
+    assert all(bool(torch.all(s >= 0)) for s in scores)

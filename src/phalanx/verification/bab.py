@@ -176,7 +176,8 @@ def _importance(st: Setup, root: NodeBounds, pre: list[list[tuple[torch.Tensor, 
                 ) -> list[list[torch.Tensor] | None]:
     """Per member and act: how much each neuron's relaxation can move the objective (the summed
     magnitude of its back-substituted coefficients over the live rows, times its interval's
-    smaller side), the order in which ``refine_bounds`` tightens neurons."""
+    smaller side), the order in which the refinement tightens neurons. A max-pool's coefficients
+    are on its outputs, not on its inputs' bounds: it scores by the side alone (it is not refined)."""
     out: list[list[torch.Tensor] | None] = [None] * len(pre)
     if root.forms is None:
         return out
@@ -191,7 +192,8 @@ def _importance(st: Setup, root: NodeBounds, pre: list[list[tuple[torch.Tensor, 
         for k, (lo, hi) in enumerate(pre[i]):
             side = torch.minimum(hi, -lo).clamp(min=0.0)
             coef = rec.get(k)
-            weight = coef[live].abs().sum(0) if coef is not None and coef.shape[0] == live.shape[0] else 1.0
+            fits = coef is not None and coef.shape[0] == live.shape[0] and coef.shape[-1] == side.numel()
+            weight = coef[live].abs().sum(0) if fits else 1.0  # type: ignore[index]
             scores.append((weight + 1e-12) * side)
         out[i] = scores
     return out
