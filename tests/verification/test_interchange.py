@@ -174,3 +174,17 @@ def test_mean_logits_export_reads_back(tmp_path) -> None:  # type: ignore[no-unt
     xs = np.random.default_rng(6).uniform(*q.box(), size=(20, 72))
     np.testing.assert_allclose(_outputs(back, xs), _outputs(q, xs), rtol=0, atol=1e-9)
     np.testing.assert_allclose(nets[0].forward(xs), nets[0].run_onnxruntime(xs), atol=1e-5)
+
+
+def test_a_backend_crash_is_an_error_result_not_a_lost_run(toy, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """The verifiers' one error boundary (``Verifier.verify_guarded``): an instance whose backend
+    raises is reported as ``error`` with the exception named, like the engine's crashed tasks."""
+    from phalanx.verification.bab import BabVerifier
+    from phalanx.verification.interchange import verify_instance
+
+    def boom(self, query, *, time_limit_s):  # type: ignore[no-untyped-def]
+        raise RuntimeError("shape mismatch in a stage")
+
+    monkeypatch.setattr(BabVerifier, "verify", boom)
+    res = verify_instance(toy / "toy.onnx", toy / "unsat.vnnlib", timeout_s=10, verifier="bab")
+    assert res.result == "error" and "RuntimeError: shape mismatch in a stage" in res.message

@@ -44,6 +44,18 @@ class Verifier(ABC):
     @abstractmethod
     def verify(self, query: Query, *, time_limit_s: float) -> VerificationResult: ...
 
+    def verify_guarded(self, query: Query, *, time_limit_s: float) -> VerificationResult:
+        """``verify`` behind the error boundary of every caller that must not lose a run: a
+        backend crash becomes an ERROR verdict (never a decided one); a :class:`PhalanxError`
+        (bad input) still raises."""
+        t0 = time.perf_counter()
+        try:
+            return self.verify(query, time_limit_s=time_limit_s)
+        except PhalanxError:
+            raise
+        except Exception as exc:  # a backend crash is an ERROR verdict, never a wrong answer
+            return self._result(Verdict.ERROR, t0, message=f"{type(exc).__name__}: {exc}")
+
     def _result(self, verdict: Verdict, t0: float, **kw: object) -> VerificationResult:
         return VerificationResult(verdict, self.name, time.perf_counter() - t0, **kw)  # type: ignore[arg-type]
 

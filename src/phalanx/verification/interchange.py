@@ -160,7 +160,7 @@ def verify_instance(networks: str | Path | Sequence[str | Path], prop_path: str 
         if left <= 0:
             verdicts.append((Verdict.TIMEOUT, "", "time limit reached before this region"))
             break
-        r = backend.verify(q, time_limit_s=left)
+        r = backend.verify_guarded(q, time_limit_s=left)
         stage = str(r.details.get("stage", r.backend))
         stages.append({"qid": q.qid, "verdict": r.verdict.value, "stage": stage, "seconds": round(r.wall_time_s, 4),
                        "stages": r.details.get("stages", {})})

@@ -172,12 +172,7 @@ def _solve(spec: QuerySpec) -> dict[str, Any]:
     cands, points = _W["cands"], _W["points"]
     x = points[spec.point]
     q = spec.build(cands, x)
-    try:
-        res = _W["verifier"].verify(q, time_limit_s=_W["limit"])
-    except PhalanxError:
-        raise
-    except Exception as exc:  # a backend crash is an ERROR verdict, never a wrong answer
-        res = VerificationResult(Verdict.ERROR, str(_W["verifier"].name), 0.0, message=f"{type(exc).__name__}: {exc}")
+    res = _W["verifier"].verify_guarded(q, time_limit_s=_W["limit"])
     return Record(q.qid, spec, res).to_json()
 
 
