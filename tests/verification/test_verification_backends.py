@@ -562,3 +562,22 @@ def test_exact_stage_steps_aside_above_its_unstable_limit(pair_queries, monkeypa
         assert stage.claim(q, state) == 0.0
         return
     pytest.fail("no query with an unstable ReLU")
+
+
+def test_presolve_steps_aside_when_it_would_overrun_the_limit() -> None:
+    """HiGHS's presolve ignores the time limit (11.5 s on a 3 s limit for a joint 784-256-10 pair,
+    409k nonzeros): ``solve`` turns it off when the estimate passes half the limit, keeps it
+    otherwise, and the MILP's answers do not depend on it."""
+    from phalanx.verification.milp import MilpModel, presolve_fits
+
+    assert not presolve_fits(20.0, 409_258) and presolve_fits(60.0, 409_258)  # 784-256-10 pairs
+    assert presolve_fits(20.0, 204_756) and not presolve_fits(1.0, 204_756)  # 784-128-10 pairs
+    assert presolve_fits(0.5, 48_062)  # 784-30-10 pairs: the small MILPs keep it
+    for opts in ({}, {"presolve": "off"}, {"presolve": "on"}):  # the caller's choice is passed through
+        m = MilpModel()
+        z = m.add_var(0.0, 1.0, integer=True)
+        y = m.add_var(0.0, 3.0)
+        m.add_row([y, z], [1.0, -2.0], -np.inf, 0.5)  # y <= 2 z + 0.5
+        m.set_objective([y], [1.0], "max")
+        m.options = opts  # type: ignore[assignment]
+        assert m.solve(5).objective == 2.5
