@@ -77,7 +77,8 @@ def test_intermediate_optimisation_and_refinement_are_sound_and_tighter(leaky: f
                                    per_neuron_s=2.0)
         assert_contains(_as_bounds(ref, ir), ir, samples)
         assert stats["milps"] > 0
-        found, sstats = bt.refine_by_search(st, 0, opt, deadline=time.perf_counter() + 30, per_side_s=1.0, batch=16)
+        found, sstats = bt.refine_by_search(st, 0, opt, deadline=time.perf_counter() + 10, per_side_s=0.2, batch=16,
+                                            passes=1)
         assert_contains(_as_bounds(found, ir), ir, samples)
         assert sstats["searches"] > 0
         for (a0, b0), (a1, b1), (a2, b2), (a3, b3) in zip(pre, opt, ref, found, strict=True):
@@ -106,8 +107,8 @@ def test_search_refinement_stops_when_the_caller_is_done() -> None:
         asked.append(len(bounds))
         return len(asked) == 2  # done after the second refined layer
 
-    _, full = bt.refine_by_search(st, 0, pre, deadline=time.perf_counter() + 30, per_side_s=0.5, batch=16, passes=1)
-    _, early = bt.refine_by_search(st, 0, pre, deadline=time.perf_counter() + 30, per_side_s=0.5, batch=16,
+    _, full = bt.refine_by_search(st, 0, pre, deadline=time.perf_counter() + 30, per_side_s=0.1, batch=16, passes=1)
+    _, early = bt.refine_by_search(st, 0, pre, deadline=time.perf_counter() + 30, per_side_s=0.1, batch=16,
                                    passes=3, done=done)
     assert early["done"] == 1 and early["passes"] == 1 and len(asked) == 2
     assert 0 < early["searches"] < full["searches"]
@@ -180,7 +181,8 @@ def test_split_domains_keep_every_point_that_satisfies_their_splits() -> None:
 
 
 @pytest.mark.parametrize("options", [{"batch_leaf_unstable": 0, "refine_share": 0.0, "batch": 8, "alpha_steps": 5},
-                                     {"batch_leaf_unstable": 0, "batch": 8, "batch_dtype": "float64", "alpha_steps": 5}],
+                                     {"batch_leaf_unstable": 0, "batch": 8, "batch_dtype": "float64", "alpha_steps": 5,
+                                      "refine_share": 0.05}],
                          ids=["split-to-leaves", "refined-float64"])
 def test_batched_branch_and_bound_agrees_with_milp(options: dict) -> None:
     """Single-member and mutual-error pair queries of deep MLPs at radii around their decision
