@@ -703,14 +703,16 @@ def search(pb: Problem, root_upper: np.ndarray, *, deadline: float, batch: int =
             why = "time limit in branch and bound" if pool else "open domains without unstable neurons"
             return Outcome(False, None, stats, why, worst)
         cur = _pop(pool, batch)
+        count = unstable_count(pb, cur)
         if leaf is None:
-            flat = unstable_count(pb, cur) == 0
+            flat = count == 0
             if bool(flat.any()):
                 exact.append(cur.take(torch.nonzero(flat)[:, 0]))
-                cur = cur.take(torch.nonzero(~flat)[:, 0])
+                keep = torch.nonzero(~flat)[:, 0]
+                cur, count = cur.take(keep), count[keep]
                 if len(cur) == 0:
                     continue
-        few = unstable_count(pb, cur) <= leaf_unstable
+        few = count <= leaf_unstable
         if leaf is not None and bool(few.any()):
             for i in torch.nonzero(few)[:, 0].tolist():
                 stats["milp_leaves"] += 1

@@ -4,7 +4,7 @@ backend) sharing one time limit.
 
 The portfolio is never less sound than its parts: the attack can only answer SAT with a witness
 that re-checks in float64 PyTorch, the bounds only UNSAT from a sound over-approximation, and
-whatever is left goes to a complete backend (MILP by default) with the remaining time.
+whatever is left goes to a complete backend (``bab`` by default) with the remaining time.
 
 **Stages.** A stage is anything with a ``name``, a ``claim(query, state)`` and a
 ``run(query, state, time_limit_s)`` (:class:`Stage`); the portfolio runs its stages in order and
@@ -12,25 +12,26 @@ stops at the first decided verdict. Time is shared by what each stage has left t
 fixed fractions: a stage whose claim is ``None`` is cheap and bounded by its own work (bounds, a
 fixed number of attack steps) and gets whatever time is left; the others get the time left in
 proportion to their claims against the claims of the stages still to come (a claim of 0 skips the
-stage). The complete backend claims 1 (it can decide anything); the member-wise stage claims the
-share of the joint problem's unstable ReLUs that the member proofs it still needs would branch on
-(0 when cached verdicts already settle whether it can help). New backends slot in with
+stage). The member-wise stage claims the share of the joint problem's unstable ReLUs that the
+member proofs it still needs would branch on (0 when cached verdicts already settle whether it
+can help); the exact MILP claims 1 (0 above ``EXACT_MAX_UNSTABLE`` unstable ReLUs, where branch
+and bound, which ends with the MILP on its tighter bounds, gets the time); the complete backend
+claims its decision rate on the queries that reached it so far (:func:`decision_rate`), so where
+branch and bound keeps failing after the MILP the MILP gets nearly all the time: a query the MILP
+alone solves within the limit is not lost to a fixed split.
+
 **Order.** Stages run by cost per decision: the forward linear bounds' disjunct pass takes
 milliseconds and alone decides most easy queries (cached per member, point and eps across queries,
 it stops at the first member that settles the query), joint CROWN bounds decide more at a higher
-cost, the attack finds SAT, the member proofs, the exact MILP on the joint query (with the
-bounds found so far; only when the complete backend is not the MILP) and the complete backend
-solve. After the first stage, a stage that decides from cached work (``free``: member verdicts
-cached by earlier pairs) runs next. The exact MILP claims 1 (0 above ``EXACT_MAX_UNSTABLE``
-unstable ReLUs, where branch and bound, which ends with the MILP on its tighter bounds, gets the
-time) and the complete backend claims its
-decision rate on the queries that reached it so far (:func:`decision_rate`), so where branch and
-bound keeps failing after the MILP the MILP gets nearly all the time: a query the MILP alone
-solves within the limit is not lost to a fixed split.
+cost, the attack finds SAT, then the member proofs, the exact MILP on the joint query (with the
+bounds found so far; only when the complete backend is not the MILP) and the complete backend.
+After the first stage, a stage that decides from cached work (``free``: member verdicts cached by
+earlier pairs) runs next.
 
-:data:`STAGES` (``STAGES.add("name", factory)``, factory ``(**options) -> Stage``) and a
-``stages=("bounds", "crown", "attack", "members", "complete")`` list; :class:`VerifierStage`
-wraps any :class:`~phalanx.verification.backends.Verifier` as a stage.
+New backends slot in with :data:`STAGES` (``STAGES.add("name", factory)``, factory
+``(**options) -> Stage``) and a ``stages=("bounds", "crown", "attack", "members", "exact",
+"complete")`` list; :class:`VerifierStage` wraps any
+:class:`~phalanx.verification.backends.Verifier` as a stage.
 """
 
 from __future__ import annotations
