@@ -11,6 +11,7 @@ import torch
 from torch import Tensor, nn
 
 from phalanx.errors import PhalanxError
+from phalanx.models.inference import inference_view
 from phalanx.registry import Registry
 from phalanx.types import ThreatModel
 
@@ -57,6 +58,15 @@ def check_inputs(model: nn.Module, x: Tensor, y: Tensor) -> None:
     k = getattr(model, "num_classes", None)
     if isinstance(k, int) and k > 0 and y.numel() and (int(y.min()) < 0 or int(y.max()) >= k):
         raise PhalanxError(f"labels must be in 0..{k - 1}, got values in {int(y.min())}..{int(y.max())}")
+
+
+def prepare(model: nn.Module, x: Tensor, y: Tensor) -> nn.Module:
+    """:func:`check_inputs`, then the model an attack differentiates: its inference view (eval-mode
+    BatchNorm folded into the layer before it, activations moved after max-pooling; the same
+    function with fewer passes, :func:`phalanx.models.inference.inference_view`), or the model
+    itself where no rewrite applies."""
+    check_inputs(model, x, y)
+    return inference_view(model)
 
 
 def configure_attack(name: str, params: Mapping[str, object] | None = None, *, steps: int | None = None,

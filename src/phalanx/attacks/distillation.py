@@ -14,9 +14,10 @@ from typing import Protocol
 import torch
 from torch import Tensor, nn
 
-from phalanx.attacks.base import ATTACKS, Attack, check_inputs
+from phalanx.attacks.base import ATTACKS, Attack, prepare
 from phalanx.attacks.gradient import ascend
 from phalanx.errors import PhalanxError
+from phalanx.models.inference import inference_view
 from phalanx.types import Norm, ThreatModel, check_eps
 
 
@@ -36,7 +37,8 @@ def feature_distillation(model: FeatureModel, x_source: Tensor, x_target: Tensor
     that decrease ``MSE(model.features(x', layer), model.features(x_target, layer))``, with
     MI-FGSM momentum and no random start. Gradients are taken w.r.t. the input only, so the
     model's parameters, their ``.grad`` and its train/eval mode are untouched (in train mode,
-    BatchNorm running statistics are updated by the forward passes, as in the DVERGE reference).
+    BatchNorm running statistics are updated by the forward passes, as in the DVERGE reference;
+    in eval mode the model's inference view is differentiated, :mod:`phalanx.models.inference`).
     """
     if x_source.shape != x_target.shape:
         raise PhalanxError(f"source and target batches must have the same shape, got "
@@ -47,6 +49,7 @@ def feature_distillation(model: FeatureModel, x_source: Tensor, x_target: Tensor
         raise PhalanxError(f"step_size must be > 0, got {step_size!r}")
     threat = ThreatModel(Norm.LINF, check_eps(eps, bounds[1] - bounds[0]), bounds)
     x_source = x_source.detach()
+    model = inference_view(model)  # type: ignore[arg-type, assignment]  # taps keep their values
     with torch.no_grad():
         goal = model.features(x_target.detach(), layer).detach()
 
@@ -89,7 +92,7 @@ class DistillationAttack(Attack):
 
     def __call__(self, model: nn.Module, x: Tensor, y: Tensor, threat: ThreatModel, *,
                  generator: torch.Generator | None = None, target: Tensor | None = None) -> Tensor:
-        check_inputs(model, x, y)
+        model = prepare(model, x, y)
         if threat.norm is not Norm.LINF:
             raise PhalanxError(f"feature distillation is an L-inf attack, got norm {threat.norm.value!r}")
         net = _feature_model(model, self.member)

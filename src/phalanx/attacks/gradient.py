@@ -10,7 +10,7 @@ from dataclasses import dataclass, replace
 import torch
 from torch import Tensor, nn
 
-from phalanx.attacks.base import ATTACKS, Attack, check_inputs
+from phalanx.attacks.base import ATTACKS, Attack, prepare
 from phalanx.attacks.losses import (
     ALL_LOSSES,
     MEMBER_LOSSES,
@@ -183,7 +183,7 @@ class GradientAttack(Attack):
 
     def __call__(self, model: nn.Module, x: Tensor, y: Tensor, threat: ThreatModel, *,
                  generator: torch.Generator | None = None, target: Tensor | None = None) -> Tensor:
-        check_inputs(model, x, y)
+        model = prepare(model, x, y)
         x = x.detach()
         if self.members is not None and not self.joint:
             model = restrict_members(model, self.members)

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from phalanx.attacks.base import ATTACKS, Attack, check_inputs
+from phalanx.attacks.base import ATTACKS, Attack, prepare
 from phalanx.attacks.losses import ce_loss, dlr_loss, dlr_targeted_loss
 from phalanx.attacks.projection import apgd_start
 from phalanx.attacks.query import square_attack
@@ -283,7 +283,7 @@ class AutoAttack(Attack):
 
     def __call__(self, model: nn.Module, x: Tensor, y: Tensor, threat: ThreatModel, *,
                  generator: torch.Generator | None = None, target: Tensor | None = None) -> Tensor:
-        check_inputs(model, x, y)
+        model = prepare(model, x, y)
         x = x.detach()
         if threat.eps == 0:
             return x.clone()

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from phalanx.attacks.base import ATTACKS, Attack, check_inputs
+from phalanx.attacks.base import ATTACKS, Attack, prepare
 from phalanx.attacks.losses import attack_loss, check_loss, other_max
 from phalanx.errors import PhalanxError
 from phalanx.types import Norm, ThreatModel
@@ -133,7 +133,7 @@ class SignHunterAttack(Attack):
 
     def __call__(self, model: nn.Module, x: Tensor, y: Tensor, threat: ThreatModel, *,
                  generator: torch.Generator | None = None, target: Tensor | None = None) -> Tensor:
-        check_inputs(model, x, y)
+        model = prepare(model, x, y)
         if threat.eps == 0:
             return x.detach().clone()
         adv, _fooled = signhunter(model, x.detach(), y, threat, n_queries=self.n_queries, loss=self.loss)

@@ -20,7 +20,7 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor, nn
 
-from phalanx.attacks.base import ATTACKS, Attack, check_inputs
+from phalanx.attacks.base import ATTACKS, Attack, prepare
 from phalanx.attacks.losses import attack_loss
 from phalanx.ensembles import expected_correct
 from phalanx.errors import PhalanxError
@@ -200,7 +200,7 @@ class ArcAttack(Attack):
 
     def __call__(self, model: nn.Module, x: Tensor, y: Tensor, threat: ThreatModel, *,
                  generator: torch.Generator | None = None, target: Tensor | None = None) -> Tensor:
-        check_inputs(model, x, y)
+        model = prepare(model, x, y)
         _require_randomized(model)
         x = x.detach()
         if threat.eps == 0:

@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from phalanx.attacks.base import ATTACKS, Attack, check_inputs
+from phalanx.attacks.base import ATTACKS, Attack, prepare
 from phalanx.attacks.gradient import ascend, member_logits_of
 from phalanx.attacks.projection import apgd_start
 from phalanx.errors import PhalanxError
@@ -178,7 +178,7 @@ class MoraAttack(Attack):
 
     def __call__(self, model: nn.Module, x: Tensor, y: Tensor, threat: ThreatModel, *,
                  generator: torch.Generator | None = None, target: Tensor | None = None) -> Tensor:
-        check_inputs(model, x, y)
+        model = prepare(model, x, y)
         model_mode = mode_of(model)  # also refuses single models and randomized ensembles
         mode = self.mode or model_mode
         x = x.detach()

@@ -91,6 +91,10 @@ class ResidualBlock(nn.Module):
     ``bn1``'s output is the in-block feature (DVERGE's odd layers).
     """
 
+    #: (layer, BatchNorm) applied back to back, which an eval-mode view may fold into one layer
+    #: (:func:`phalanx.models.inference.inference_view`; the shortcut is a Sequential)
+    fold_pairs = (("conv1", "bn1"), ("conv2", "bn2"))
+
     def __init__(self, cin: int, cout: int, stride: int, activation: str, negative_slope: float) -> None:
         super().__init__()
         self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
@@ -182,8 +186,10 @@ class FeatureNet(nn.Module):
 
 
 #: modules whose output is a fresh tensor that their backward never reads (convolution and linear
-#: layers save their input, BatchNorm its input and statistics; a residual block returns its sum)
-_FRESH_OUTPUT = (nn.modules.conv._ConvNd, nn.Linear, nn.modules.batchnorm._BatchNorm, ResidualBlock)
+#: layers save their input, BatchNorm its input and statistics, max-pooling its input and indices;
+#: a residual block returns its sum)
+_FRESH_OUTPUT = (nn.modules.conv._ConvNd, nn.Linear, nn.modules.batchnorm._BatchNorm, nn.modules.pooling._MaxPoolNd,
+                 ResidualBlock)
 
 
 def _apply(m: nn.Module, h: Tensor, prev: nn.Module | None) -> Tensor:
