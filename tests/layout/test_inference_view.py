@@ -3,6 +3,8 @@ the same function and gradients, the model untouched."""
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 from torch import nn
 
@@ -117,6 +119,10 @@ def test_no_view_in_train_mode_with_hooks_or_with_nothing_to_rewrite() -> None:
     assert inference_view(ens) is not ens
     mlp = nn.Sequential(nn.Flatten(), nn.Linear(4, 3), nn.ReLU(), nn.Linear(3, 2)).eval()
     assert inference_view(mlp) is mlp
+    with warnings.catch_warnings():  # torch.jit is deprecated, yet users still hold scripted models
+        warnings.simplefilter("ignore", DeprecationWarning)
+        scripted = torch.jit.script(nn.Sequential(nn.Conv2d(1, 2, 3), nn.BatchNorm2d(2)).eval())
+    assert inference_view(scripted) is scripted
     # a view of a view has nothing left to rewrite
     view = inference_view(ens)
     assert inference_view(view) is view

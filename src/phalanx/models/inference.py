@@ -129,11 +129,11 @@ def _rewrite(m: nn.Module, fold: bool) -> bool:
 
 def inference_view(model: nn.Module) -> nn.Module:
     """``model`` computed with fewer passes (module docstring), or ``model`` itself when it is not
-    entirely in eval mode, has hooks, or has nothing to rewrite. The view's parameters are
+    entirely in eval mode, has hooks, is (or holds) a TorchScript module, or has nothing to rewrite. The view's parameters are
     ``model``'s own tensors or frozen folded copies; ``model`` is left untouched."""
     modules = list(model.modules())
-    if any(m.training or _has_hooks(m) for m in modules):
-        return model
+    if any(m.training or _has_hooks(m) or isinstance(m, torch.jit.ScriptModule) for m in modules):
+        return model  # (a scripted module runs its compiled graph, not its children)
     view = _clone(model)
     return view if _rewrite(view, fold=memory_format_of(model) != "contiguous") else model
 
