@@ -12,6 +12,7 @@ import logging
 import time
 import weakref
 from abc import ABC, abstractmethod
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -96,7 +97,7 @@ BoundCache = weakref.WeakKeyDictionary[NetworkIR, dict[str, tuple[np.ndarray, np
 
 def query_bounds(query: Query, method: str = "linear", *, per_network: bool = True,
                  disjuncts: QueryBounds | None = None, stop_at_unsat: bool = False,
-                 cache: BoundCache | None = None) -> QueryBounds:
+                 cache: BoundCache | None = None, order: Sequence[int] | None = None) -> QueryBounds:
     """Bounds of every network on the query's box and of every disjunct (``linear`` or ``interval``).
 
     The disjunct bounds (one pass per network with the disjuncts folded into its last layer) are
@@ -109,7 +110,8 @@ def query_bounds(query: Query, method: str = "linear", *, per_network: bool = Tr
     by its bounds); the disjuncts of the networks not bounded are then left at ``(-inf, inf)``
     (sound, and only returned when :meth:`QueryBounds.proves_unsat` holds). ``cache``: one
     network's disjunct bounds on a box are a pure function of (network, box, rows), so a query
-    sharing a member, point and eps with an earlier one (all pairs of an ensemble) reuses them."""
+    sharing a member, point and eps with an earlier one (all pairs of an ensemble) reuses them.
+    ``order``: the networks' indices in the order to bound them (after the cached ones)."""
     fn = {"linear": linear_bounds, "interval": interval_bounds}.get(method)
     if fn is None:
         raise PhalanxError(f"unknown bound method {method!r}; accepted: linear, interval")
@@ -124,15 +126,20 @@ def query_bounds(query: Query, method: str = "linear", *, per_network: bool = Tr
     up, low = np.zeros(allc.shape[0]), np.zeros(allc.shape[0])
     todo = np.zeros(allc.shape[0], dtype=np.int64)  # networks still to bound, per row
     jobs = []
-    box = hashlib.sha1(lo.tobytes() + hi.tobytes()).hexdigest() if cache is not None else ""
-    for net, sl in zip(query.nets, slices, strict=True):
+    box = ""
+    if cache is not None:
+        h = hashlib.sha1(np.ascontiguousarray(lo).data)
+        h.update(np.ascontiguousarray(hi).data)
+        box = h.hexdigest()
+    rank = {i: r for r, i in enumerate(order)} if order is not None else {}
+    for n, (net, sl) in enumerate(zip(query.nets, slices, strict=True)):
         spec = allc[:, sl]
         rows = np.nonzero(np.any(spec != 0.0, axis=1))[0]
         if rows.size:
             todo[rows] += 1
             key = f"{method}:{box}:{hashlib.sha1(spec[rows].tobytes()).hexdigest()}" if cache is not None else ""
             hit = cache.get(net, {}).get(key) if cache is not None else None
-            jobs.append((hit is None, net, spec[rows], rows, key, hit))
+            jobs.append(((hit is None, rank.get(n, n)), net, spec[rows], rows, key, hit))
     jobs.sort(key=lambda j: j[0])  # cached networks first: free, and they may settle the query alone
     for _, net, spec, rows, key, hit in jobs:
         if hit is None:
