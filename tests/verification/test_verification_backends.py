@@ -662,3 +662,15 @@ def test_bounds_pass_follows_the_given_order(pair_queries, monkeypatch) -> None:
     b = query_bounds(q, per_network=False)
     for u, v in zip(a.disjunct_upper, b.disjunct_upper, strict=True):
         np.testing.assert_array_equal(u, v)
+
+
+def test_highs_gets_the_limit_less_its_overrun() -> None:
+    """HiGHS ends a while after its time limit (between cut rounds): it is given the caller's limit
+    less an estimate quadratic in the nonzeros, never more than a quarter of the limit, never < 0."""
+    from phalanx.verification.milp import HIGHS_OVERRUN_S_PER_NZ2, highs_time_limit
+
+    assert highs_time_limit(20.0, 409_517) == pytest.approx(20.0 - HIGHS_OVERRUN_S_PER_NZ2 * 409_517 ** 2)
+    assert 19.0 < highs_time_limit(20.0, 409_517) < 19.5  # 784-256-10 pairs: ~0.75 s kept back
+    assert highs_time_limit(20.0, 48_062) > 19.98  # 784-30-10 pairs: ~0.01 s
+    assert highs_time_limit(1.0, 409_517) == pytest.approx(0.75)  # at most a quarter of the limit
+    assert highs_time_limit(0.0, 10) == 0.01
