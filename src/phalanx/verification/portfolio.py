@@ -377,15 +377,19 @@ class BoundsStage:
         # member across queries, stopping at the first member whose bounds settle the query;
         # members with a proven error at a smaller eps (bounds cannot refute them) go last
         order = sorted(range(len(query.nets)), key=lambda i: facts[i] is Verdict.SAT)
-        qb = query_bounds(query, self.method, per_network=False, stop_at_unsat=True, cache=_BOUND_CACHE, order=order)
+        # the box is the point's ball at eps in the input bounds: the fact key and eps name it
+        box_key = None if fk is None else f"{fk[0].hex()}:{query.eps!r}:{fk[2]}"
+        qb = query_bounds(query, self.method, per_network=False, stop_at_unsat=True, cache=_BOUND_CACHE, order=order,
+                          box_key=box_key)
         state.bounds, state.bounds_method = qb, self.method
         if fk is not None:  # a member whose whole error group is refuted is robust in the ball
             for i, up in enumerate(qb.disjunct_upper):
-                if facts[i] is None and bool(np.all(up < -BOUND_TOL)):
+                if facts[i] is None and float(up.max()) < -BOUND_TOL:
                     record_member(query, i, Verdict.UNSAT, fk)
-        if qb.proves_unsat(query):
+        possible = qb.possible_groups()
+        if query.complete and possible < query.required:  # QueryBounds.proves_unsat
             return VerificationResult(Verdict.UNSAT, self.name, time.perf_counter() - t0,
-                                      message=f"{self.method} bounds: at most {qb.possible_groups()} of "
+                                      message=f"{self.method} bounds: at most {possible} of "
                                       f"{query.required} required groups can hold")
         return VerificationResult(Verdict.TIMEOUT, self.name, time.perf_counter() - t0,
                                   message="bounds inconclusive (incomplete method)")
