@@ -20,6 +20,7 @@ import itertools
 import json
 import platform
 import time
+import weakref
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -98,6 +99,7 @@ def main() -> None:
     makers = {"before (linear bounds, milp)": lambda: create_verifier("portfolio", complete="milp", bounds="linear"),
               "after (joint crown, bab)": lambda: create_verifier("portfolio")}
     caches: dict[str, dict[Any, Any]] = {name: {} for name in makers}
+    facts: dict[str, Any] = {name: weakref.WeakKeyDictionary() for name in makers}
     rows: list[dict[str, Any]] = []
     for suite, qs in suites:
         for n, q in enumerate(qs):
@@ -106,7 +108,7 @@ def main() -> None:
             bounds["crown-per-member"] = create_verifier("crown", joint=False).verify(q).verdict.value
             order = list(makers) if n % 2 == 0 else list(reversed(makers))
             for name in order:
-                portfolio._MEMBER_CACHE = caches[name]
+                portfolio._MEMBER_CACHE, portfolio._MEMBER_FACTS = caches[name], facts[name]
                 t0 = time.perf_counter()
                 r = makers[name]().verify(q, time_limit_s=args.timeout)
                 if r.verdict is Verdict.SAT:

@@ -380,7 +380,7 @@ def test_member_stage_takes_less_than_half_and_caches_timeouts(pair_queries) -> 
     """The member stage's time follows its claim (the needed member proofs' share of the joint
     query's unstable ReLUs), not a fixed half; a member left undecided at some limit is not
     retried with a smaller one."""
-    from phalanx.verification.portfolio import _MEMBER_CACHE, BoundsStage, MembersStage, Portfolio, StageState
+    from phalanx.verification.portfolio import BoundsStage, MembersStage, Portfolio, StageState, clear_caches
 
     given: list[float] = []
 
@@ -389,7 +389,7 @@ def test_member_stage_takes_less_than_half_and_caches_timeouts(pair_queries) -> 
             given.append(time_limit_s)
             return self._result(Verdict.TIMEOUT, 0.0, message="pretend")
 
-    _MEMBER_CACHE.clear()
+    clear_caches()
     q = next(q for q in pair_queries if BoundsStage().run(q, StageState(), 10).verdict is Verdict.TIMEOUT)
     members = MembersStage(Slow())
     state = StageState()
@@ -403,7 +403,7 @@ def test_member_stage_takes_less_than_half_and_caches_timeouts(pair_queries) -> 
     given.clear()
     Portfolio(stages=[BoundsStage(), members, complete]).verify(q, time_limit_s=30.0)
     assert given == []  # cached as undecided at a larger limit than it would get now
-    _MEMBER_CACHE.clear()
+    clear_caches()
 
 
 def test_disjunct_bounds_alone_are_the_full_bounds_disjuncts(pair_queries) -> None:
@@ -494,26 +494,27 @@ def test_stage_settled_by_cached_work_jumps_the_queue(pair_queries) -> None:
         Portfolio,
         StageState,
         _member_key,
+        clear_caches,
     )
 
     q = next(q for q in pair_queries if BoundsStage().run(q, StageState(), 10).verdict is Verdict.TIMEOUT)
     attack, complete = _Recorder("attack", None), _Recorder("complete", 1.0)
     members = MembersStage(MilpVerifier())
-    _MEMBER_CACHE.clear()
+    clear_caches()
     try:
         _MEMBER_CACHE[_member_key(q, 1)] = (Verdict.UNSAT, 5.0)  # as if an earlier pair had proven it
         assert members.free(q)
         r = Portfolio(stages=[BoundsStage(), attack, members, complete]).verify(q, time_limit_s=10.0)
         assert r.verdict is Verdict.UNSAT and r.details["stage"] == "members"
         assert list(r.details["stages"]) == ["bounds", "members"] and attack.limits == []
-        _MEMBER_CACHE.clear()
+        clear_caches()
         assert not members.free(q)
         stub = MembersStage(type("Undecided", (MilpVerifier,), {"verify_with_bounds": lambda self, query, qb, *,
                                 time_limit_s: self._result(Verdict.TIMEOUT, 0.0, message="pretend")})())
         r = Portfolio(stages=[BoundsStage(), attack, stub, complete]).verify(q, time_limit_s=10.0)
         assert list(r.details["stages"]) == ["bounds", "attack", "members", "complete"]
     finally:
-        _MEMBER_CACHE.clear()
+        clear_caches()
 
 
 def test_complete_stage_claims_its_decision_rate(pair_queries) -> None:
@@ -581,3 +582,95 @@ def test_presolve_steps_aside_when_it_would_overrun_the_limit() -> None:
         m.set_objective([y], [1.0], "max")
         m.options = opts  # type: ignore[assignment]
         assert m.solve(5).objective == 2.5
+
+
+def test_member_facts_follow_the_balls(pair_queries) -> None:
+    """A member proven robust at some eps is robust at every smaller eps (same point, label and
+    box), a member proven to err at some eps errs at every larger one, never the other way."""
+    from phalanx.verification.portfolio import clear_caches, member_fact, record_member
+
+    q = pair_queries[0]
+
+    def at(eps: float):
+        return make_query(list(q.models), q.x0, eps, q.label, nets=list(q.nets))
+
+    clear_caches()
+    try:
+        record_member(at(0.05), 0, Verdict.UNSAT)
+        record_member(at(0.2), 0, Verdict.SAT)
+        record_member(at(0.05), 1, Verdict.TIMEOUT)  # undecided: not a fact
+        assert [member_fact(at(e), 0) for e in (0.01, 0.05, 0.1, 0.2, 0.3)] == [
+            Verdict.UNSAT, Verdict.UNSAT, None, Verdict.SAT, Verdict.SAT]
+        assert member_fact(at(0.01), 1) is None
+        other = make_query(list(q.models), pair_queries[1].x0, 0.01, int(pair_queries[1].label), nets=list(q.nets))
+        assert member_fact(other, 0) is None  # another point
+        runner = make_query(list(q.models), q.x0, 0.01, q.label, nets=list(q.nets), runner_up=True)
+        assert member_fact(runner, 0) is None  # a runner-up group is not the member's whole error set
+    finally:
+        clear_caches()
+
+
+def test_member_facts_agree_with_the_milp_and_skip_the_bounds(pair_queries, monkeypatch) -> None:
+    """Facts learnt by the portfolio on the fixture's queries (bounds and member proofs, each eps
+    in turn, largest first) agree with MILP proofs of each member alone at every eps; a query that
+    facts settle is answered UNSAT by the bounds stage without computing a bound, with the MILP's
+    verdict."""
+    from phalanx.verification import backends
+    from phalanx.verification.portfolio import BoundsStage, Portfolio, StageState, clear_caches, member_fact
+
+    milp = MilpVerifier()
+    clear_caches()
+    try:
+        p = Portfolio(complete="milp", bounds="linear")
+        for q in sorted(pair_queries, key=lambda q: -q.eps):
+            p.verify(q, time_limit_s=60)
+        facts = 0
+        for q in pair_queries:
+            for i in range(2):
+                f = member_fact(q, i)
+                if f is None:
+                    continue
+                facts += 1
+                single = make_query([q.models[i]], q.x0, q.eps, q.label, nets=[q.nets[i]])
+                assert milp.verify(single, time_limit_s=60).verdict is f
+        assert facts > 0
+        calls = []
+        real = backends.linear_bounds
+        monkeypatch.setattr(backends, "linear_bounds", lambda *a, **k: calls.append(1) or real(*a, **k))
+        settled = 0
+        for q, m in zip(pair_queries, [milp.verify(q, time_limit_s=60) for q in pair_queries], strict=True):
+            if sum(member_fact(q, i) is Verdict.UNSAT for i in range(2)) >= 1:
+                settled += 1
+                n = len(calls)
+                assert BoundsStage().run(q, StageState(), 10).verdict is Verdict.UNSAT is m.verdict
+                assert len(calls) == n
+        assert settled > 0
+    finally:
+        clear_caches()
+
+
+def test_bounds_pass_follows_the_given_order(pair_queries, monkeypatch) -> None:
+    """``order`` decides which member is bounded first (after cached ones), with the same bounds."""
+    from phalanx.verification import backends
+
+    q = pair_queries[0]
+    seen = []
+    real = backends.linear_bounds
+    monkeypatch.setattr(backends, "linear_bounds", lambda net, *a, **k: seen.append(net) or real(net, *a, **k))
+    a = query_bounds(q, per_network=False, order=[1, 0])
+    assert seen == [q.nets[1], q.nets[0]]
+    b = query_bounds(q, per_network=False)
+    for u, v in zip(a.disjunct_upper, b.disjunct_upper, strict=True):
+        np.testing.assert_array_equal(u, v)
+
+
+def test_highs_gets_the_limit_less_its_overrun() -> None:
+    """HiGHS ends a while after its time limit (between cut rounds): it is given the caller's limit
+    less an estimate quadratic in the nonzeros, never more than a quarter of the limit, never < 0."""
+    from phalanx.verification.milp import HIGHS_OVERRUN_S_PER_NZ2, highs_time_limit
+
+    assert highs_time_limit(20.0, 409_517) == pytest.approx(20.0 - HIGHS_OVERRUN_S_PER_NZ2 * 409_517 ** 2)
+    assert 19.0 < highs_time_limit(20.0, 409_517) < 19.5  # 784-256-10 pairs: ~0.75 s kept back
+    assert highs_time_limit(20.0, 48_062) > 19.98  # 784-30-10 pairs: ~0.01 s
+    assert highs_time_limit(1.0, 409_517) == pytest.approx(0.75)  # at most a quarter of the limit
+    assert highs_time_limit(0.0, 10) == 0.01

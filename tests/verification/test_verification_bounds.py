@@ -92,3 +92,21 @@ def test_composed_leading_affine_ops_equal_identity_forms(arch: str) -> None:
         for (a, b), (p, q) in zip(got.pre, w.pre, strict=True):
             np.testing.assert_allclose(a, p, rtol=1e-12, atol=1e-12)
             np.testing.assert_allclose(b, q, rtol=1e-12, atol=1e-12)
+
+
+def test_first_affine_op_bounds_are_its_interval_arithmetic() -> None:
+    """With one leading affine op, the linear pass's first pre-activation bounds are exactly that
+    op's interval arithmetic on the box (its own form, concretized: no second pass needed), and
+    the output bounds still contain sampled outputs."""
+    from phalanx.verification.ir import NetworkIR
+
+    rng = np.random.default_rng(5)
+    w1, b1, w2, b2 = rng.normal(size=(7, 5)), rng.normal(size=7), rng.normal(size=(3, 7)), rng.normal(size=3)
+    ir = NetworkIR((Affine(w1, b1), Relu(), Affine(w2, b2)), 5, 3, (5,))
+    lo, hi = ball(rng.random(5), 0.1)
+    got = linear_bounds(ir, lo, hi)
+    wp, wn = np.maximum(w1, 0.0), np.minimum(w1, 0.0)
+    np.testing.assert_array_equal(got.pre[0][0], wp @ lo + wn @ hi + b1)
+    np.testing.assert_array_equal(got.pre[0][1], wp @ hi + wn @ lo + b1)
+    ys = ir.forward(lo + (hi - lo) * rng.random((500, 5)))
+    assert np.all(ys >= got.output[0] - 1e-9) and np.all(ys <= got.output[1] + 1e-9)

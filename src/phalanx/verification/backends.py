@@ -12,6 +12,7 @@ import logging
 import time
 import weakref
 from abc import ABC, abstractmethod
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -81,7 +82,7 @@ class QueryBounds:
     def possible_groups(self) -> int:
         """Groups with a disjunct whose upper bound reaches 0 (``BOUND_TOL`` absorbs float64
         rounding in the bound computation, erring on the side of "possible")."""
-        return int(sum(bool(np.any(u >= -BOUND_TOL)) for u in self.disjunct_upper))
+        return sum(u.size > 0 and float(u.max()) >= -BOUND_TOL for u in self.disjunct_upper)
 
     def proves_unsat(self, query: Query) -> bool:
         """True when fewer than ``quorum`` groups can hold anywhere in the box (sound: the
@@ -91,12 +92,13 @@ class QueryBounds:
 
 #: disjunct bounds of one network, per bound cache: ``{network IR: {(method, box, rows) key: (upper, lower)}}``
 #: (weakly keyed: an IR is an immutable snapshot of a member's weights, freed with it)
-BoundCache = weakref.WeakKeyDictionary[NetworkIR, dict[str, tuple[np.ndarray, np.ndarray]]]
+BoundCache = weakref.WeakKeyDictionary[NetworkIR, dict[tuple[str, str, bytes], tuple[np.ndarray, np.ndarray]]]
 
 
 def query_bounds(query: Query, method: str = "linear", *, per_network: bool = True,
                  disjuncts: QueryBounds | None = None, stop_at_unsat: bool = False,
-                 cache: BoundCache | None = None) -> QueryBounds:
+                 cache: BoundCache | None = None, order: Sequence[int] | None = None,
+                 box_key: str | None = None) -> QueryBounds:
     """Bounds of every network on the query's box and of every disjunct (``linear`` or ``interval``).
 
     The disjunct bounds (one pass per network with the disjuncts folded into its last layer) are
@@ -109,7 +111,9 @@ def query_bounds(query: Query, method: str = "linear", *, per_network: bool = Tr
     by its bounds); the disjuncts of the networks not bounded are then left at ``(-inf, inf)``
     (sound, and only returned when :meth:`QueryBounds.proves_unsat` holds). ``cache``: one
     network's disjunct bounds on a box are a pure function of (network, box, rows), so a query
-    sharing a member, point and eps with an earlier one (all pairs of an ensemble) reuses them."""
+    sharing a member, point and eps with an earlier one (all pairs of an ensemble) reuses them.
+    ``order``: the networks' indices in the order to bound them (after the cached ones);
+    ``box_key``: a key that identifies the query's box (by default its hash)."""
     fn = {"linear": linear_bounds, "interval": interval_bounds}.get(method)
     if fn is None:
         raise PhalanxError(f"unknown bound method {method!r}; accepted: linear, interval")
@@ -124,15 +128,20 @@ def query_bounds(query: Query, method: str = "linear", *, per_network: bool = Tr
     up, low = np.zeros(allc.shape[0]), np.zeros(allc.shape[0])
     todo = np.zeros(allc.shape[0], dtype=np.int64)  # networks still to bound, per row
     jobs = []
-    box = hashlib.sha1(lo.tobytes() + hi.tobytes()).hexdigest() if cache is not None else ""
-    for net, sl in zip(query.nets, slices, strict=True):
+    box = box_key or ""
+    if cache is not None and box_key is None:
+        h = hashlib.sha1(np.ascontiguousarray(lo).data)
+        h.update(np.ascontiguousarray(hi).data)
+        box = h.hexdigest()
+    rank = {i: r for r, i in enumerate(order)} if order is not None else {}
+    for n, (net, sl) in enumerate(zip(query.nets, slices, strict=True)):
         spec = allc[:, sl]
         rows = np.nonzero(np.any(spec != 0.0, axis=1))[0]
         if rows.size:
             todo[rows] += 1
-            key = f"{method}:{box}:{hashlib.sha1(spec[rows].tobytes()).hexdigest()}" if cache is not None else ""
+            key = (method, box, spec[rows].tobytes())  # the rows' bytes: a few hundred, cheaper than a hash
             hit = cache.get(net, {}).get(key) if cache is not None else None
-            jobs.append((hit is None, net, spec[rows], rows, key, hit))
+            jobs.append(((hit is None, rank.get(n, n)), net, spec[rows], rows, key, hit))
     jobs.sort(key=lambda j: j[0])  # cached networks first: free, and they may settle the query alone
     for _, net, spec, rows, key, hit in jobs:
         if hit is None:

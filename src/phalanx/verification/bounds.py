@@ -200,7 +200,10 @@ def _exact_prefix(w: _Walker, s: _State, ops: tuple[Op, ...], in_dim: int) -> tu
         b = op.bias if b is None else op.weight @ b + op.bias
         wp, wn = _pos_neg(op.weight)
         lo, hi = wp @ s.lo + wn @ s.hi + op.bias, wp @ s.hi + wn @ s.lo + op.bias
-        s = w.tighten(_State(lo, hi, wt, b, wt, b), lo, hi)
+        if k == 0:  # the form is the op itself on the input box: concretizing it is this very interval
+            s = _State(lo, np.maximum(hi, lo), wt, b, wt, b)
+        else:
+            s = w.tighten(_State(lo, hi, wt, b, wt, b), lo, hi)
         k += 1
     if wt is None:
         s.lw, s.uw = np.eye(in_dim), np.eye(in_dim)

@@ -28,6 +28,14 @@ bounds found so far; only when the complete backend is not the MILP) and the com
 After the first stage, a stage that decides from cached work (``free``: member verdicts cached by
 earlier pairs) runs next.
 
+**Member facts.** What is proven about a single member at a point carries over to other eps
+(:func:`member_fact`): robust at eps (its whole error group refuted, by the bounds stage or a
+member proof) means robust at every smaller eps, an error proven at eps means one at every larger
+eps, since with the same point, label and input bounds the smaller ball lies inside the larger.
+The bounds stage answers a query settled by facts before computing any bound (a dictionary look-up
+where the pass costs milliseconds), bounds members known to err last, and the member stage skips
+members with a fact; on all pairs of an ensemble at several eps most member questions recur.
+
 New backends slot in with :data:`STAGES` (``STAGES.add("name", factory)``, factory
 ``(**options) -> Stage``) and a ``stages=("bounds", "crown", "attack", "members", "exact",
 "complete")`` list; :class:`VerifierStage` wraps any
@@ -56,6 +64,7 @@ from phalanx.verification.backends import (
     Verifier,
     query_bounds,
 )
+from phalanx.verification.ir import NetworkIR
 from phalanx.verification.query import Query, QueryKind, Verdict, VerificationResult, recheck
 
 
@@ -155,6 +164,61 @@ _BOUND_CACHE: BoundCache = weakref.WeakKeyDictionary()
 #: member-stage outcomes in this process (runs that solved a member query, and of those, decided)
 _MEMBER_STATS = {"runs": 0, "decided": 0}
 
+#: what is proven about single members, per network (weakly keyed by its immutable IR): (point,
+#: label, input bounds) -> [largest eps at which it is proven robust, smallest eps at which it is
+#: proven to err]; see :func:`member_fact`
+_MEMBER_FACTS: weakref.WeakKeyDictionary[NetworkIR, dict[tuple[bytes, int, tuple[float, float]], list[float]]] = (
+    weakref.WeakKeyDictionary())
+
+
+def clear_caches() -> None:
+    """Forget every cross-query cache of this process (member verdicts and facts, bounds)."""
+    _MEMBER_CACHE.clear()
+    _MEMBER_FACTS.clear()
+    _BOUND_CACHE.clear()
+
+
+def _member_groups(query: Query) -> bool:
+    """Whether group ``i`` of the query is exactly member ``i``'s errors at the query's label (all
+    of them: mutual-error or majority, no runner-up simplification), so that refuting it proves
+    member ``i`` robust in the ball."""
+    return query.kind in (QueryKind.MUTUAL_ERROR, QueryKind.MAJORITY) and query.runner_up is None
+
+
+def _fact_key(query: Query) -> tuple[bytes, int, tuple[float, float]]:
+    import hashlib
+
+    return hashlib.sha1(np.ascontiguousarray(query.x0).data).digest(), query.label, query.input_bounds
+
+
+def member_fact(query: Query, i: int, key: tuple[bytes, int, tuple[float, float]] | None = None) -> Verdict | None:
+    """What is already proven about member ``i`` alone in the query's ball: UNSAT (robust) when it
+    was proven robust at an eps at least this query's, SAT (it errs) when an error was proven at
+    an eps at most this one, else None. Sound by monotonicity: with the same point, label and
+    input bounds, the ball of a smaller eps lies inside the ball of a larger one."""
+    if not _member_groups(query):
+        return None
+    f = _MEMBER_FACTS.get(query.nets[i], {}).get(key if key is not None else _fact_key(query))
+    if f is None:
+        return None
+    if f[0] >= query.eps:
+        return Verdict.UNSAT
+    return Verdict.SAT if f[1] <= query.eps else None
+
+
+def record_member(query: Query, i: int, verdict: Verdict, key: tuple[bytes, int, tuple[float, float]] | None = None
+                  ) -> None:
+    """Remember a proven verdict of member ``i`` alone at the query's eps (UNSAT: robust, SAT: a
+    re-checked error); undecided verdicts are not facts and are ignored."""
+    if not (verdict.decided and _member_groups(query)):
+        return
+    f = _MEMBER_FACTS.setdefault(query.nets[i], {}).setdefault(key if key is not None else _fact_key(query),
+                                                                [-np.inf, np.inf])
+    if verdict is Verdict.UNSAT:
+        f[0] = max(f[0], query.eps)
+    else:
+        f[1] = min(f[1], query.eps)
+
 
 def _member_key(query: Query, i: int) -> tuple[str, str, float, int, tuple[float, float]]:
     from phalanx.verification.query import model_fingerprint, point_fingerprint
@@ -181,7 +245,12 @@ def _members_needed(query: Query) -> int:
 def _cached_members(query: Query) -> tuple[int, list[int]]:
     """Members cached as robust, and those not cached as decided (still worth a proof)."""
     robust, todo = 0, []
+    fk = _fact_key(query)
     for i in range(len(query.nets)):
+        fact = member_fact(query, i, fk)
+        if fact is not None:
+            robust += fact is Verdict.UNSAT
+            continue
         cached = _MEMBER_CACHE.get(_member_key(query, i))
         if cached is not None and cached[0] is Verdict.UNSAT:
             robust += 1
@@ -214,11 +283,18 @@ def robust_members(query: Query, backend: Verifier, time_limit_s: float, *,
     idx = list(order) if order is not None else list(range(len(query.nets)))
     w = list(weights) if weights is not None else [1.0] * len(query.nets)
     needed = _members_needed(query)
+    fk = _fact_key(query)
     for pos, i in enumerate(idx):
+        fact = member_fact(query, i, fk)
+        if fact is not None:  # proven at another eps (monotone): no solver call
+            robust += fact is Verdict.UNSAT
+            if robust >= needed:
+                break
+            continue
         key = _member_key(query, i)
         cached = _MEMBER_CACHE.get(key)
         left = time_limit_s - (time.perf_counter() - t0)
-        share = w[i] / max(sum(w[j] for j in idx[pos:]), 1e-12)
+        share = w[i] / max(sum(w[j] for j in idx[pos:] if member_fact(query, j, fk) is None), 1e-12)
         limit = left * share
         if cached is not None and (cached[0].decided or cached[1] >= limit):
             v = cached[0]
@@ -236,6 +312,7 @@ def robust_members(query: Query, backend: Verifier, time_limit_s: float, *,
             solved += 1
             if v is not Verdict.ERROR:
                 _MEMBER_CACHE[key] = (v, limit)
+            record_member(query, i, v, fk)
         robust += v is Verdict.UNSAT
         if robust >= needed:
             break
@@ -287,13 +364,32 @@ class BoundsStage:
 
     def run(self, query: Query, state: StageState, time_limit_s: float) -> VerificationResult:
         t0 = time.perf_counter()
+        facts: list[Verdict | None] = [None] * len(query.nets)
+        fk = _fact_key(query) if _member_wise(query) else None
+        if fk is not None:
+            facts = [member_fact(query, i, fk) for i in range(len(query.nets))]
+            robust = sum(f is Verdict.UNSAT for f in facts)
+            if robust >= _members_needed(query):  # members proven robust at this eps or a larger one
+                return VerificationResult(Verdict.UNSAT, self.name, time.perf_counter() - t0,
+                                          message=f"{robust} of {len(query.nets)} members proven robust at eps >= "
+                                          f"{query.eps:g} (same point)")
         # the disjunct pass only (per-network bounds when a later stage needs them), cached per
-        # member across queries, stopping at the first member whose bounds settle the query
-        qb = query_bounds(query, self.method, per_network=False, stop_at_unsat=True, cache=_BOUND_CACHE)
+        # member across queries, stopping at the first member whose bounds settle the query;
+        # members with a proven error at a smaller eps (bounds cannot refute them) go last
+        order = sorted(range(len(query.nets)), key=lambda i: facts[i] is Verdict.SAT)
+        # the box is the point's ball at eps in the input bounds: the fact key and eps name it
+        box_key = None if fk is None else f"{fk[0].hex()}:{query.eps!r}:{fk[2]}"
+        qb = query_bounds(query, self.method, per_network=False, stop_at_unsat=True, cache=_BOUND_CACHE, order=order,
+                          box_key=box_key)
         state.bounds, state.bounds_method = qb, self.method
-        if qb.proves_unsat(query):
+        if fk is not None:  # a member whose whole error group is refuted is robust in the ball
+            for i, up in enumerate(qb.disjunct_upper):
+                if facts[i] is None and float(up.max()) < -BOUND_TOL:
+                    record_member(query, i, Verdict.UNSAT, fk)
+        possible = qb.possible_groups()
+        if query.complete and possible < query.required:  # QueryBounds.proves_unsat
             return VerificationResult(Verdict.UNSAT, self.name, time.perf_counter() - t0,
-                                      message=f"{self.method} bounds: at most {qb.possible_groups()} of "
+                                      message=f"{self.method} bounds: at most {possible} of "
                                       f"{query.required} required groups can hold")
         return VerificationResult(Verdict.TIMEOUT, self.name, time.perf_counter() - t0,
                                   message="bounds inconclusive (incomplete method)")
