@@ -287,6 +287,14 @@ def test_bad_queries_are_rejected(tiny_mlp_pair, digits) -> None:
         make_query(ms, digits.val.x[0], -0.1, 1)
     with pytest.raises(PhalanxError, match="quorum"):
         make_query(ms, digits.val.x[0], 0.1, 1, quorum=3)
+    # an explicit box belongs to property queries: with it a mutual-error query's ball would not be
+    # the box that member facts and bound caches key by its point and eps
+    import dataclasses
+
+    q = make_query(ms, digits.val.x[0], 0.1, 1)
+    box = (np.zeros_like(q.x0), np.ones_like(q.x0))
+    with pytest.raises(PhalanxError, match="property queries"):
+        dataclasses.replace(q, spec_box=box)
 
 
 def test_importable_without_optional_backends(tiny_mlp_pair, digits, monkeypatch) -> None:

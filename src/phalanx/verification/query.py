@@ -116,6 +116,11 @@ class Query:
         if self.kind is QueryKind.PROPERTY:
             self._check_property()
             return
+        if self.spec_box is not None or self.spec_groups is not None:
+            # the ball of x0 and eps is the box of every other kind (member facts and bound caches
+            # key it by them): an explicit box and groups make a property query
+            raise PhalanxError(f"spec_box and spec_groups belong to property queries, not to kind "
+                               f"{self.kind.value!r}; accepted: property_query(...) for an explicit box")
         if len({n.out_dim for n in self.nets}) != 1 or len({n.in_dim for n in self.nets}) != 1:
             raise PhalanxError("queried members must share input and output sizes")
         if self.x0.size != self.nets[0].in_dim:
