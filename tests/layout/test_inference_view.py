@@ -80,7 +80,7 @@ def test_resnet_view_folds_every_batchnorm_and_computes_the_same_function() -> N
     assert torch.allclose(gv, g, atol=1e-12 * float(g.abs().max()) * 100, rtol=0)
     for k, v in ens.state_dict().items():  # the model itself is untouched (values; dtype changed above)
         assert torch.equal(v.to(before[k].dtype), before[k]), k
-    assert not ens.training and all(isinstance(m, nn.BatchNorm2d) for m in ens.modules() if "bn" in type(m).__name__.lower())
+    assert not ens.training  # (its 42 BatchNorm modules are counted above)
 
 
 def test_feature_taps_keep_their_meaning_in_the_view() -> None:

@@ -65,7 +65,7 @@ from phalanx.verification.backends import (
     query_bounds,
 )
 from phalanx.verification.ir import NetworkIR
-from phalanx.verification.query import Query, QueryKind, Verdict, VerificationResult, recheck
+from phalanx.verification.query import Query, QueryKind, Verdict, VerificationResult, point_fingerprint, recheck
 
 
 def _in_common_dtype(models: Sequence[torch.nn.Module]) -> tuple[list[torch.nn.Module], torch.dtype, torch.device]:
@@ -164,10 +164,13 @@ _BOUND_CACHE: BoundCache = weakref.WeakKeyDictionary()
 #: member-stage outcomes in this process (runs that solved a member query, and of those, decided)
 _MEMBER_STATS = {"runs": 0, "decided": 0}
 
+#: a point (its fingerprint, as the member cache keys it), a label and the input bounds
+FactKey = tuple[str, int, tuple[float, float]]
+
 #: what is proven about single members, per network (weakly keyed by its immutable IR): (point,
 #: label, input bounds) -> [largest eps at which it is proven robust, smallest eps at which it is
 #: proven to err]; see :func:`member_fact`
-_MEMBER_FACTS: weakref.WeakKeyDictionary[NetworkIR, dict[tuple[bytes, int, tuple[float, float]], list[float]]] = (
+_MEMBER_FACTS: weakref.WeakKeyDictionary[NetworkIR, dict[FactKey, list[float]]] = (
     weakref.WeakKeyDictionary())
 
 
@@ -185,13 +188,11 @@ def _member_groups(query: Query) -> bool:
     return query.kind in (QueryKind.MUTUAL_ERROR, QueryKind.MAJORITY) and query.runner_up is None
 
 
-def _fact_key(query: Query) -> tuple[bytes, int, tuple[float, float]]:
-    import hashlib
-
-    return hashlib.sha1(np.ascontiguousarray(query.x0).data).digest(), query.label, query.input_bounds
+def _fact_key(query: Query) -> FactKey:
+    return point_fingerprint(query.x0), query.label, query.input_bounds
 
 
-def member_fact(query: Query, i: int, key: tuple[bytes, int, tuple[float, float]] | None = None) -> Verdict | None:
+def member_fact(query: Query, i: int, key: FactKey | None = None) -> Verdict | None:
     """What is already proven about member ``i`` alone in the query's ball: UNSAT (robust) when it
     was proven robust at an eps at least this query's, SAT (it errs) when an error was proven at
     an eps at most this one, else None. Sound by monotonicity: with the same point, label and
@@ -206,7 +207,7 @@ def member_fact(query: Query, i: int, key: tuple[bytes, int, tuple[float, float]
     return Verdict.SAT if f[1] <= query.eps else None
 
 
-def record_member(query: Query, i: int, verdict: Verdict, key: tuple[bytes, int, tuple[float, float]] | None = None
+def record_member(query: Query, i: int, verdict: Verdict, key: FactKey | None = None
                   ) -> None:
     """Remember a proven verdict of member ``i`` alone at the query's eps (UNSAT: robust, SAT: a
     re-checked error); undecided verdicts are not facts and are ignored."""
@@ -221,7 +222,7 @@ def record_member(query: Query, i: int, verdict: Verdict, key: tuple[bytes, int,
 
 
 def _member_key(query: Query, i: int) -> tuple[str, str, float, int, tuple[float, float]]:
-    from phalanx.verification.query import model_fingerprint, point_fingerprint
+    from phalanx.verification.query import model_fingerprint
 
     # hashed afresh every time: a module object whose weights changed in place is another network
     fp = model_fingerprint(query.models[i])
@@ -378,7 +379,7 @@ class BoundsStage:
         # members with a proven error at a smaller eps (bounds cannot refute them) go last
         order = sorted(range(len(query.nets)), key=lambda i: facts[i] is Verdict.SAT)
         # the box is the point's ball at eps in the input bounds: the fact key and eps name it
-        box_key = None if fk is None else f"{fk[0].hex()}:{query.eps!r}:{fk[2]}"
+        box_key = None if fk is None else f"{fk[0]}:{query.eps!r}:{fk[2]}"
         qb = query_bounds(query, self.method, per_network=False, stop_at_unsat=True, cache=_BOUND_CACHE, order=order,
                           box_key=box_key)
         state.bounds, state.bounds_method = qb, self.method
